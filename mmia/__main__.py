@@ -1,0 +1,3 @@
+from mmia.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Membership-inference attacks sharing the `Attack` contract (see mmia/attacks/base.py)."""
+
+from __future__ import annotations
+
+from mmia.attacks.aea import AEA
+from mmia.attacks.base import Attack, Features, MissingInput
+from mmia.attacks.blind import Blind
+from mmia.attacks.csa import CSA
+from mmia.attacks.wsa import WSA
+
+ATTACKS: dict[str, type[Attack]] = {"csa": CSA, "aea": AEA, "wsa": WSA, "blind": Blind}
+
+
+def make_attack(name: str, **params) -> Attack:
+    """Instantiate a registered attack by name with constructor parameters."""
+    try:
+        cls = ATTACKS[name]
+    except KeyError:
+        raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}") from None
+    return cls(**params)
+
+
+__all__ = [
+    "AEA",
+    "ATTACKS",
+    "CSA",
+    "WSA",
+    "Attack",
+    "Blind",
+    "Features",
+    "MissingInput",
+    "make_attack",
+]

@@ -1,0 +1,47 @@
+"""Pilot world: synthetic LAION-shaped shards with ground truth, and a small CLIP trainer."""
+
+from .synthetic import (
+    SPLITS,
+    World,
+    WorldConfig,
+    load_world,
+    make_key,
+    make_sample,
+    make_world,
+    read_ground_truth,
+)
+from .train import (
+    DEFAULT_MODEL_CONFIG,
+    PilotWorld,
+    TrainConfig,
+    TrainResult,
+    build_pilot,
+    csa_auc,
+    embed_pairs,
+    load_checkpoint,
+    read_pairs,
+    register_model_config,
+    train_clip,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_CONFIG",
+    "SPLITS",
+    "PilotWorld",
+    "TrainConfig",
+    "TrainResult",
+    "World",
+    "WorldConfig",
+    "build_pilot",
+    "csa_auc",
+    "embed_pairs",
+    "load_checkpoint",
+    "load_world",
+    "make_key",
+    "make_sample",
+    "make_world",
+    "read_ground_truth",
+    "read_pairs",
+    "register_model_config",
+    "train_clip",
+]

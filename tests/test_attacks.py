@@ -1,0 +1,178 @@
+"""Attacks on constructed embeddings where the correct ranking is known."""
+
+import io
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from mmia.attacks import AEA, ATTACKS, CSA, WSA, Blind, Features, MissingInput, make_attack
+
+D = 32
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _pairs_with_cos(cos, rng):
+    """Image/text unit vectors with exactly the given row-wise cosines."""
+    cos = np.asarray(cos, float)
+    u = _unit(rng.normal(size=(len(cos), D)))
+    v = rng.normal(size=(len(cos), D))
+    v = _unit(v - np.sum(v * u, axis=1, keepdims=True) * u)
+    return u, _unit(cos[:, None] * u + np.sqrt(1 - cos[:, None] ** 2) * v)
+
+
+def _feats(img, txt, views=None, captions=None, image_bytes=None, prefix="k"):
+    keys = [f"{prefix}{i}" for i in range(len(img))]
+    return Features(
+        keys=keys, image=img, text=txt, views=views, captions=captions, image_bytes=image_bytes
+    )
+
+
+def _members_vs_random(n, rng, offset=0.0):
+    """Members: text close to image (and optionally shifted along e0); non-members random."""
+    shift = np.zeros(D)
+    shift[0] = offset
+    mi = _unit(rng.normal(size=(n, D)) / np.sqrt(D) + shift)
+    mt = _unit(mi + 0.05 * rng.normal(size=(n, D)))
+    ni, nt = _unit(rng.normal(size=(n, D))), _unit(rng.normal(size=(n, D)))
+    labels = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    return _feats(np.r_[mi, ni], np.r_[mt, nt]), labels
+
+
+def test_registry_and_missing_inputs():
+    assert set(ATTACKS) == {"csa", "aea", "wsa", "blind"}
+    assert isinstance(make_attack("aea", aggregation="drop"), AEA)
+    with pytest.raises(ValueError):
+        make_attack("nope")
+    with pytest.raises(ValueError):
+        AEA(aggregation="median")
+    f, _ = _members_vs_random(5, np.random.default_rng(0))
+    with pytest.raises(MissingInput):
+        AEA().score(f)
+    with pytest.raises(MissingInput):
+        WSA().fit(None, f)
+    with pytest.raises(MissingInput):
+        WSA().fit(f, None)
+    assert issubclass(MissingInput, ValueError)
+    assert "views" in AEA.requires and "pool" in WSA.requires
+
+
+def test_features_subset():
+    rng = np.random.default_rng(0)
+    img, txt = _unit(rng.normal(size=(6, D))), _unit(rng.normal(size=(6, D)))
+    views = np.stack([img, img], axis=1)
+    f = _feats(img, txt, views, [f"c{i}" for i in range(6)], [bytes([i]) for i in range(6)])
+    s = f.subset([4, 1])
+    assert s.keys == ["k4", "k1"] and s.captions == ["c4", "c1"] and s.image_bytes == [b"\4", b"\1"]
+    np.testing.assert_array_equal(s.views[0], views[4])
+    assert len(f.subset(np.arange(6) % 2 == 0)) == 3
+    with pytest.raises(ValueError):
+        Features(keys=["a"], image=img, text=txt)
+
+
+def test_csa_is_cosine_and_ranks_members_first():
+    rng = np.random.default_rng(0)
+    img, txt = _pairs_with_cos([0.9, -0.2, 0.3], rng)
+    np.testing.assert_allclose(CSA().fit().score(_feats(img, txt)), [0.9, -0.2, 0.3], atol=1e-5)
+    f, y = _members_vs_random(100, rng)
+    assert roc_auc_score(y, CSA().score(f)) > 0.99
+
+
+def test_aea_aggregations():
+    rng = np.random.default_rng(0)
+    n, k = 100, 4
+    mi, mt = _pairs_with_cos(np.full(n, 0.9), rng)
+    ni, nt = _pairs_with_cos(np.full(n, 0.3), rng)
+    img, txt = np.r_[mi, ni], np.r_[mt, nt]
+    # members' views lose similarity (0.9 -> ~0.5); non-members' views barely change
+    noise = rng.normal(size=(2 * n, k, D))
+    scale = np.r_[np.full(n, 0.6), np.full(n, 0.05)][:, None, None]
+    views = _unit(img[:, None, :] + scale * noise)
+    f = _feats(img, txt, views)
+    y = np.r_[np.ones(n), np.zeros(n)]
+    base = CSA().score(f)
+    per_view = np.einsum("nkd,nd->nk", views, txt)
+    scores = {a: AEA(aggregation=a).score(f) for a in ("mean", "mean_all", "min", "drop")}
+    np.testing.assert_allclose(scores["mean"], per_view.mean(1), atol=1e-5)
+    np.testing.assert_allclose(scores["drop"], base - per_view.mean(1), atol=1e-5)
+    np.testing.assert_allclose(scores["mean_all"], (base + per_view.sum(1)) / (k + 1), atol=1e-5)
+    np.testing.assert_allclose(scores["min"], np.minimum(base, per_view.min(1)), atol=1e-5)
+    assert roc_auc_score(y, scores["drop"]) > 0.95  # the drop is what separates here
+    assert all(s.shape == (2 * n,) for s in scores.values())
+
+
+def test_wsa_pseudo_labels_known_count_and_precision():
+    rng = np.random.default_rng(0)
+    known = _feats(*_pairs_with_cos(np.tile([-0.1, 0.1], 50), rng))  # mu 0, sigma 0.1
+    pool_cos = np.r_[np.full(30, 0.5), np.full(10, 0.2), np.full(60, 0.0)]
+    pool = _feats(*_pairs_with_cos(pool_cos, rng))
+    pool_labels = np.r_[np.ones(30), np.zeros(70)]
+    wsa = WSA(lam=1.5, classifier="logreg").fit(known, pool)
+    assert wsa.threshold_ == pytest.approx(0.15, abs=1e-5)
+    assert wsa.n_pseudo_members_ == 40
+    np.testing.assert_array_equal(wsa.pseudo_member_idx_, np.arange(40))
+    assert wsa.pseudo_label_precision(pool_labels) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="no pool sample"):
+        WSA(lam=1.5).fit(known, _feats(*_pairs_with_cos(np.full(20, -0.5), rng)))
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "mlp"])
+def test_wsa_classifier_learns_members(classifier):
+    rng = np.random.default_rng(0)
+    pool, pool_y = _members_vs_random(150, rng, offset=1.0)
+    known = _feats(_unit(rng.normal(size=(200, D))), _unit(rng.normal(size=(200, D))))
+    ev, ev_y = _members_vs_random(100, rng, offset=1.0)
+    wsa = WSA(classifier=classifier, seed=0).fit(known, pool)
+    assert wsa.pseudo_label_precision(pool_y) > 0.9
+    s = wsa.score(ev)
+    assert s.shape == (200,) and np.all((s >= 0) & (s <= 1))
+    assert roc_auc_score(ev_y, s) > 0.9
+    s2 = WSA(classifier=classifier, seed=0).fit(known, pool).score(ev)
+    np.testing.assert_allclose(s, s2, atol=1e-6)  # seeded
+
+
+def _jpeg(color, size):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_blind_detects_caption_shift():
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "small", "big", "old", "new", "a", "the"]
+    n = 40
+    caps = [
+        " ".join(rng.choice(words, 4)) + (" photo of a dog" if i < n else " image of a cat")
+        for i in range(2 * n)
+    ]
+    y = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    img = _unit(rng.normal(size=(2 * n, D)))
+    f = _feats(img, img, captions=caps)
+    s = Blind().cross_val_scores(f, y, seed=0)
+    assert s.shape == (2 * n,) and not np.isnan(s).any()
+    assert roc_auc_score(y, s) > 0.95
+    with pytest.raises(MissingInput):
+        Blind().fit(None, None)
+
+
+def test_blind_uses_image_statistics_and_no_shift_is_chance():
+    rng = np.random.default_rng(0)
+    n = 30
+    caps = [" ".join(rng.choice(["a", "b", "c", "d"], 3)) for _ in range(2 * n)]
+    y = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    img = _unit(rng.normal(size=(2 * n, D)))
+    shifted = [_jpeg((200, 30, 30), (40, 30)) for _ in range(n)]
+    shifted += [_jpeg((30, 30, 200), (30, 40)) for _ in range(n)]
+    s = Blind().cross_val_scores(_feats(img, img, captions=caps, image_bytes=shifted), y)
+    assert roc_auc_score(y, s) > 0.95
+    same = [_jpeg((100, 100, 100), (32, 32)) for _ in range(2 * n)]
+    s0 = Blind().cross_val_scores(_feats(img, img, captions=caps, image_bytes=same), y)
+    assert roc_auc_score(y, s0) < 0.8
+    # fit/score on a held-out set also works
+    fitted = Blind().fit_labeled(_feats(img, img, captions=caps, image_bytes=shifted), y)
+    assert fitted.score(_feats(img, img, captions=caps, image_bytes=shifted)).shape == (2 * n,)

@@ -1,0 +1,154 @@
+"""Embedding engine and cache: exactness vs open_clip, views, resume after SIGKILL, reuse."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from shardgen import jpeg_bytes, write_good_shards
+
+from mmia.cache import EmbeddingCache, FeatureStore
+from mmia.embed import Encoder, decode_image, embed_shards
+from mmia.views import AugmentConfig, make_view
+
+
+def cache_contents(cache: EmbeddingCache, views) -> dict:
+    """digest → features for every store: the cache as a mapping, for equality checks."""
+    stores = {"text": cache.text, **{v: cache.image(v) for v in views}}
+    out = {}
+    for name, store in stores.items():
+        store.refresh()
+        keys = sorted(store.digests())
+        out[name] = (keys, store.read(keys).tobytes() if keys else b"")
+    return out
+
+
+def test_cached_features_equal_direct_open_clip(tmp_path, tiny_model):
+    pattern = write_good_shards(tmp_path, 2, 5)
+    result = embed_shards(tiny_model, [pattern], str(tmp_path / "c"), batch_size=4,
+                          workers=0, progress=False)
+    assert result.embedded == 10 and result.cached == 0 and not result.skips
+    cache = EmbeddingCache(str(tmp_path / "c"), tiny_model.fingerprint)
+    recs = result.records
+    image = cache.read_image([r.image_digest for r in recs], [0])[:, 0]
+    text = cache.read_text([r.caption_digest for r in recs])
+    model = tiny_model.model
+    with torch.no_grad():
+        x = torch.stack([tiny_model.preprocess(decode_image(jpeg_bytes(i)))
+                         for i in [0, 1, 2, 3, 4, 1000, 1001, 1002, 1003, 1004]])
+        direct_img = model.encode_image(x, normalize=True).numpy()
+        direct_txt = model.encode_text(tiny_model.tokenizer([r.caption for r in recs]),
+                                       normalize=True).numpy()
+    assert np.abs(image - direct_img).max() <= 1e-5
+    assert np.abs(text - direct_txt).max() <= 1e-5
+    assert np.allclose(np.linalg.norm(image, axis=1), 1, atol=1e-5)
+    assert image.dtype == np.float32
+
+
+def test_second_run_makes_no_forward_pass(tmp_path, tiny_model):
+    pattern = write_good_shards(tmp_path, 2, 3)
+    first = embed_shards(tiny_model, [pattern], str(tmp_path / "c"), views=2, batch_size=4,
+                         workers=1, progress=False)
+    assert first.forward_passes > 0 and first.embedded == 6
+    second = embed_shards(tiny_model, [pattern], str(tmp_path / "c"), views=2, batch_size=4,
+                          workers=1, progress=False)
+    assert second.forward_passes == 0 and second.cached == 6 and second.embedded == 0
+    assert "no forward pass" in second.summary()
+
+
+def test_padded_batches_make_features_independent_of_batch_mates(tiny_model):
+    enc = Encoder(tiny_model, batch_size=8)
+    rng = torch.Generator().manual_seed(0)
+    xs = torch.randn(12, 3, 32, 32, generator=rng)
+    alone = enc.images([xs[0]])
+    mixed = enc.images([xs[5], xs[0], xs[7]])
+    assert alone[0].tobytes() == mixed[1].tobytes()
+
+
+def test_views_are_deterministic_and_distinct(tiny_model):
+    image = decode_image(jpeg_bytes(7, size=48))
+    cfg = AugmentConfig()
+    a = make_view(image, "d" * 32, 3, tiny_model.preprocess, cfg)
+    b = make_view(image, "d" * 32, 3, tiny_model.preprocess, cfg)
+    c = make_view(image, "d" * 32, 4, tiny_model.preprocess, cfg)
+    d = make_view(image, "d" * 32, 3, tiny_model.preprocess, AugmentConfig(jitter=0.1))
+    plain = make_view(image, "d" * 32, 0, tiny_model.preprocess, cfg)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    assert torch.equal(plain, tiny_model.preprocess(image))
+
+
+def test_augment_config_change_uses_another_store(tmp_path, tiny_model):
+    one = EmbeddingCache(str(tmp_path), tiny_model.fingerprint, AugmentConfig())
+    two = EmbeddingCache(str(tmp_path), tiny_model.fingerprint, AugmentConfig(jitter=0.1))
+    assert one.view_folder(0) == two.view_folder(0)
+    assert one.view_folder(1) != two.view_folder(1)
+
+
+def test_fingerprints_never_share_features(tmp_path):
+    a = EmbeddingCache(str(tmp_path), "fp-a")
+    a.text.write(["x" * 32], np.ones((1, 4), np.float32))
+    b = EmbeddingCache(str(tmp_path), "fp-b")
+    assert not b.text.contains(["x" * 32])[0]
+    with pytest.raises(KeyError):
+        b.read_text(["x" * 32])
+
+
+def test_uncommitted_segment_is_invisible(tmp_path):
+    store = FeatureStore(str(tmp_path)).refresh()
+    store.write(["a" * 32], np.ones((1, 3), np.float32))
+    np.save(tmp_path / "99999999-dead.feat.npy", np.zeros((1, 3), np.float32))  # torn write
+    store2 = FeatureStore(str(tmp_path)).refresh()
+    assert store2.digests() == {"a" * 32}
+
+
+def test_decompression_bomb_is_refused():
+    import io
+
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")
+    with pytest.raises(Image.DecompressionBombError):
+        decode_image(buf.getvalue())
+
+
+def run_embed_cli(pattern, cache, config, **kw):
+    cmd = [sys.executable, "-m", "mmia", "embed", "--model", "mmia-test-tiny",
+           "--model-config", config, "--shards", pattern, "--cache", cache, "--views", "1",
+           "--batch-size", "4", "--workers", "1", "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, tiny_config):
+    pattern = write_good_shards(tmp_path, 3, 40)
+    reference = tmp_path / "ref"
+    proc = run_embed_cli(pattern, str(reference), tiny_config)
+    assert proc.wait(timeout=240) == 0, proc.stderr.read().decode()
+    resumed = tmp_path / "resumed"
+    rng = np.random.default_rng(0)
+    kills = 0
+    for _ in range(3):
+        proc = run_embed_cli(pattern, str(resumed), tiny_config)
+        time.sleep(float(rng.uniform(3.0, 6.0)))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+    proc = run_embed_cli(pattern, str(resumed), tiny_config)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode()
+    assert kills >= 1
+    fingerprint = os.listdir(reference)[0]
+    ref = cache_contents(EmbeddingCache(str(reference), fingerprint), [0, 1])
+    got = cache_contents(EmbeddingCache(str(resumed), fingerprint), [0, 1])
+    assert len(ref["text"][0]) == 120 and len(ref[0][0]) == 120
+    assert ref == got
+    for store in ("text", "image/view-000"):
+        folder = resumed / fingerprint / store
+        keys = np.concatenate([np.load(folder / n) for n in os.listdir(folder)
+                               if n.endswith(".keys.npy")])
+        assert len(keys) == len(set(keys.tolist())), "duplicate entries after resume"
