@@ -40,6 +40,7 @@ class SampleRecord:
     caption: str
     url: str
     meta: dict = field(default_factory=dict)
+    image_bytes: bytes | None = None  # kept only when asked (blind baseline, thumbnails)
 
 
 @dataclass
@@ -89,15 +90,18 @@ class PreparedStream(IterableDataset):
     """Worker-side stage: reader → digests → cache check → decode and views for what is missing."""
 
     def __init__(self, patterns: Sequence[str], cache: EmbeddingCache, views: int,
-                 preprocess, augment: AugmentConfig):
+                 preprocess, augment: AugmentConfig, keep_images: bool = False,
+                 label_urls: Sequence[str] | None = None):
         self.patterns = list(patterns)
+        self.label_urls = list(label_urls or [])
+        self.keep_images = keep_images
         self.cache_root, self.fingerprint = cache.root, cache.fingerprint
         self.views, self.preprocess, self.augment = views, preprocess, augment
 
     def __iter__(self) -> Iterator[list]:
         cache = EmbeddingCache(self.cache_root, self.fingerprint, self.augment)
         chunk: list = []
-        for item in read_samples(self.patterns):
+        for item in read_samples(self.patterns, label_urls=self.label_urls):
             chunk.append(self.prepare(item, cache))
             if len(chunk) >= CHUNK:
                 yield chunk
@@ -110,7 +114,7 @@ class PreparedStream(IterableDataset):
             return ("skip", item)
         image_digest, caption_digest = item.image_digest, item.caption_digest
         record = SampleRecord(item.key, image_digest, caption_digest, item.caption, item.url,
-                              item.meta)
+                              item.meta, item.image_bytes if self.keep_images else None)
         missing = [v for v in range(self.views + 1)
                    if not cache.image(v).contains([image_digest])[0]]
         need_text = not cache.text.contains([caption_digest])[0]
@@ -211,6 +215,8 @@ def embed_shards(
     augment: AugmentConfig | None = None,
     flush_every: int = 256,
     progress: bool = True,
+    keep_images: bool = False,
+    label_urls: Sequence[str] | None = None,
 ) -> EmbedResult:
     """Fill the cache with view-0..`views` image features and caption features of the shards."""
     augment = augment or AugmentConfig()
@@ -220,7 +226,8 @@ def embed_shards(
     if workers is None:
         workers = 1 if (os.cpu_count() or 1) > 1 else 0
     workers = max(0, min(workers, len(urls)))
-    stream = PreparedStream(urls, cache, views, loaded.preprocess, augment)
+    stream = PreparedStream(urls, cache, views, loaded.preprocess, augment, keep_images,
+                            label_urls)
     loader = DataLoader(stream, batch_size=None, num_workers=workers,
                         persistent_workers=False, collate_fn=lambda x: x)
     encoder = Encoder(loaded, batch_size)

@@ -246,10 +246,14 @@ def to_samples(
 
 
 def read_samples(
-    patterns: str | Sequence[str], split: bool = True
+    patterns: str | Sequence[str], split: bool = True, label_urls: Sequence[str] | None = None
 ) -> Iterator[Sample | Skip]:
-    """Stream `Sample`s and `Skip`s from shard patterns (this rank's and worker's share)."""
+    """Stream `Sample`s and `Skip`s from shard patterns (this rank's and worker's share).
+
+    Keys are qualified by the shortest path suffix that tells the shard apart from every
+    shard in `label_urls` (default: this input), so keys are unique across all of them.
+    """
     urls = expand_patterns(patterns)
-    labels = shard_labels(urls)
+    labels = shard_labels(sorted(set(urls) | set(label_urls or ())))
     mine = split_for_rank_and_worker(urls) if split else urls
     return to_samples(group_members(tar_members(mine)), labels)

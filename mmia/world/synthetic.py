@@ -82,13 +82,13 @@ class WorldConfig:
     """Sizes and knobs of the synthetic world."""
 
     seed: int = 0
-    n_members: int = 1500  # target training set (= all members)
-    n_eval: int = 400  # eval_members (subset of train) and eval_nonmembers, each
-    n_known_nonmembers: int = 400
-    n_pool_members: int = 200  # pool members drawn from train (outside eval_members)
-    n_pool_nonmembers: int = 200
-    n_reference: int = 1500  # reference-model training set, disjoint from the target's
-    n_post_release: int = 400
+    n_members: int = 1000  # target training set (= all members)
+    n_eval: int = 300  # eval_members (subset of train) and eval_nonmembers, each
+    n_known_nonmembers: int = 300
+    n_pool_members: int = 150  # pool members drawn from train (outside eval_members)
+    n_pool_nonmembers: int = 150
+    n_reference: int = 1000  # reference-model training set, disjoint from the target's
+    n_post_release: int = 300
     image_size: int = 64
     jpeg_quality: int = 90
     samples_per_shard: int = 1000

@@ -30,8 +30,8 @@ class TrainConfig:
     """Optimisation settings for :func:`train_clip`."""
 
     seed: int = 0
-    epochs: int = 20
-    batch_size: int = 128
+    epochs: int = 15
+    batch_size: int = 100
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 20
