@@ -236,14 +236,16 @@ def pilot_hash(world_cfg: WorldConfig, train_cfg: TrainConfig, model_config_json
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_pilot(root: str | Path, world_cfg: WorldConfig = WorldConfig(),
-                train_cfg: TrainConfig = TrainConfig(),
+def build_pilot(root: str | Path, world_cfg: WorldConfig | None = None,
+                train_cfg: TrainConfig | None = None,
                 model_config_json: str | Path = DEFAULT_MODEL_CONFIG) -> PilotWorld:
     """Build (or reuse) world + target + reference under ``root/<hash>/``.
 
     A ``done`` marker is written last; a folder without it is wiped and rebuilt. The reference
     model is trained on the ``reference`` split with seed ``train_cfg.seed + 1``.
     """
+    world_cfg = world_cfg or WorldConfig()
+    train_cfg = train_cfg or TrainConfig()
     model_config_json = Path(model_config_json)
     d = Path(root) / pilot_hash(world_cfg, train_cfg, model_config_json)
     name = model_config_json.stem

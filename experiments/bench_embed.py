@@ -1,0 +1,90 @@
+"""Benchmark: end-to-end `mmia embed` throughput vs bare open_clip encoding, in one run.
+
+Both passes use the same shards and the same model (ViT-B-32, random init: no download).
+The bare pass encodes pre-decoded, pre-processed tensors and pre-tokenised captions; the
+end-to-end pass reads the shards, decodes, preprocesses, encodes and commits to a fresh cache
+with default settings. Prints both throughputs and their ratio (target ≥ 0.95 on CPU).
+
+    python experiments/bench_embed.py [--samples 256] [--model ViT-B-32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmia.embed import decode_image, embed_shards
+from mmia.model import load_model
+
+
+def write_shards(folder: str, n: int, per_shard: int, size: int, seed: int = 0) -> str:
+    """LAION-like shards of `size`-pixel JPEG photos-ish (smooth noise) with captions."""
+    rng = np.random.default_rng(seed)
+    n_shards = (n + per_shard - 1) // per_shard
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for row in range(min(per_shard, n - s * per_shard)):
+                key = f"{s:05d}{row:04d}"
+                small = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
+                image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=90)
+                colour = rng.choice(["red", "blue"])
+                caption = f"a photo number {s * per_shard + row} of a {colour} thing"
+                members = ((f"{key}.jpg", buf.getvalue()), (f"{key}.txt", caption.encode()))
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return os.path.join(folder, f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+@torch.no_grad()
+def bare_throughput(loaded, pattern: str, batch_size: int) -> float:
+    from mmia.shards import Sample, read_samples
+
+    samples = [s for s in read_samples(pattern, split=False) if isinstance(s, Sample)]
+    images = torch.stack([loaded.preprocess(decode_image(s.image_bytes)) for s in samples])
+    tokens = loaded.tokenizer([s.caption for s in samples])
+    start = time.perf_counter()
+    for i in range(0, len(samples), batch_size):
+        loaded.model.encode_image(images[i:i + batch_size], normalize=True)
+        loaded.model.encode_text(tokens[i:i + batch_size], normalize=True)
+    return len(samples) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    loaded = load_model(args.model, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern = write_shards(tmp, args.samples, 128, args.image_size)
+        bare = bare_throughput(loaded, pattern, args.batch_size)
+        result = embed_shards(loaded, [pattern], os.path.join(tmp, "cache"),
+                              batch_size=args.batch_size, progress=False)
+        e2e = len(result.records) / result.seconds
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; python {sys.version.split()[0]}")
+    print(f"model {args.model} (random init), {args.samples} samples of "
+          f"{args.image_size}px JPEG, batch {args.batch_size}")
+    print(f"bare encode_image+encode_text: {bare:.1f} samples/s")
+    print(f"end-to-end mmia embed:         {e2e:.1f} samples/s")
+    print(f"ratio end-to-end / bare:       {e2e / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
