@@ -21,7 +21,7 @@ from mmia.world import (
 )
 
 GRID_MEMBERS = (500, 1000)
-GRID_EPOCHS = (5, 15)
+GRID_EPOCHS = (5, 10)
 
 
 def main(argv: list[str] | None = None) -> None:

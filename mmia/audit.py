@@ -142,6 +142,8 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
                 loaded, patterns, cfg.cache, views=views, batch_size=cfg.batch_size,
                 workers=cfg.workers, progress=cfg.progress, keep_images=keep,
                 label_urls=all_urls)
+            print(f"{role}: " + embedded[role].summary().replace("\n", f"\n{role}: "),
+                  file=sys.stderr)
     members, nonmembers = embedded["members"].records, embedded["nonmembers"].records
     if not members or not nonmembers:
         which = "members" if not members else "non-members"
@@ -261,6 +263,9 @@ def cli_audit(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise MmiaError(f"cannot create output folder {cfg.out!r} ({exc.strerror}): "
                         "pass a writable --out") from None
+    from mmia.cli import ensure_writable_dir
+
+    ensure_writable_dir(cfg.cache, "--cache")
     loaded = load_model(args.model, args.pretrained, args.model_config, args.device,
                         args.precision)
     result = run_audit(loaded, cfg, "mmia " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

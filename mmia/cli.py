@@ -43,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ensure_writable_dir(path: str, flag: str) -> None:
+    """Create a folder the run will write to, or fail with one line naming the flag."""
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise MmiaError(f"cannot create {flag.lstrip('-')} folder {path!r} ({exc.strerror}): "
+                        f"pass a writable {flag}") from None
+
+
 def run_embed(args: argparse.Namespace) -> int:
     from mmia.embed import embed_shards
     from mmia.model import load_model
@@ -51,6 +62,7 @@ def run_embed(args: argparse.Namespace) -> int:
     expand_patterns(args.shards)  # fail on bad patterns before loading a model
     if args.views < 0 or args.batch_size < 1:
         raise MmiaError("--views must be ≥ 0 and --batch-size ≥ 1")
+    ensure_writable_dir(args.cache, "--cache")
     loaded = load_model(args.model, args.pretrained, args.model_config, args.device,
                         args.precision)
     print(f"model {loaded.name} fingerprint {loaded.fingerprint} on {loaded.device}",

@@ -151,7 +151,10 @@ class Encoder:
         if n < self.batch_size:
             pad = torch.zeros((self.batch_size - n, *batch.shape[1:]), dtype=batch.dtype)
             batch = torch.cat([batch, pad])
-        dtype = next(self.loaded.model.parameters()).dtype
+        # fp16/bf16 models keep some parameters (embeddings, norms) in fp32: feed inputs in
+        # the low precision the conv/linear weights use, not the first parameter's dtype
+        dtypes = {p.dtype for p in self.loaded.model.parameters() if p.is_floating_point()}
+        dtype = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)
         batch = batch.to(self.loaded.device)
         if batch.is_floating_point():
             batch = batch.to(dtype)
@@ -213,7 +216,7 @@ def embed_shards(
     batch_size: int = 32,
     workers: int | None = None,
     augment: AugmentConfig | None = None,
-    flush_every: int = 256,
+    flush_every: int | None = None,
     progress: bool = True,
     keep_images: bool = False,
     label_urls: Sequence[str] | None = None,
@@ -231,7 +234,7 @@ def embed_shards(
     loader = DataLoader(stream, batch_size=None, num_workers=workers,
                         persistent_workers=False, collate_fn=lambda x: x)
     encoder = Encoder(loaded, batch_size)
-    pending = PendingWrites(encoder, cache, flush_every)
+    pending = PendingWrites(encoder, cache, flush_every or 8 * batch_size)
     result = EmbedResult(records=[])
     seen_keys: set[str] = set()
     start = time.perf_counter()

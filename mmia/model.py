@@ -19,6 +19,10 @@ import torch
 from mmia.errors import MmiaError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+PREPROCESS_KEYS = {"mean": "image_mean", "std": "image_std",
+                   "interpolation": "image_interpolation", "resize_mode": "image_resize_mode"}
+# a custom config's `preprocess_cfg` (mean, std, interpolation, resize_mode), by model name
+PREPROCESS_OVERRIDES: dict[str, dict] = {}
 
 
 @dataclass
@@ -62,12 +66,14 @@ def register_model_config(config_path: str, name: str | None = None) -> str:
         )
     stem = os.path.splitext(os.path.basename(config_path))[0]
     name = name or stem
-    if name != stem:  # open_clip names a config by its file stem
+    preprocess_cfg = cfg.pop("preprocess_cfg", None)
+    if name != stem or preprocess_cfg is not None:  # open_clip names a config by its file stem
         folder = tempfile.mkdtemp(prefix="mmia-cfg-")
         config_path = os.path.join(folder, f"{name}.json")
         with open(config_path, "w") as f:
             json.dump(cfg, f)
     open_clip.add_model_config(config_path)
+    PREPROCESS_OVERRIDES[name] = preprocess_cfg or {}
     return name
 
 
@@ -185,6 +191,8 @@ def load_model(
             pretrained=None if is_file else pretrained,
             precision=precision,
             device="cpu",
+            **{PREPROCESS_KEYS[k]: v for k, v in PREPROCESS_OVERRIDES.get(name, {}).items()
+               if k in PREPROCESS_KEYS},
         )
     except MmiaError:
         raise

@@ -51,3 +51,26 @@ def write_good_shards(folder, n_shards: int, per_shard: int, seed: int = 0) -> s
     for s in range(n_shards):
         write_shard(folder / f"{s:05d}.tar", good_members(s, per_shard, seed))
     return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def image_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    """An image in any PIL mode and format (PNG by default; no JPEG quality argument)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A decompression bomb: a tiny 1-bit PNG with `side`² pixels."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_members(key: str, image: bytes | None, caption: bytes | None,
+                   sidecar: bytes | None = None) -> list[tuple[str, bytes]]:
+    """Members of one sample; a None part is left out."""
+    parts = [(f"{key}.jpg", image), (f"{key}.txt", caption), (f"{key}.json", sidecar)]
+    return [(name, data) for name, data in parts if data is not None]
