@@ -43,7 +43,7 @@ class AuditConfig:
     n_bootstrap: int = 1000
     batch_size: int = 32
     workers: int | None = None
-    aea_aggregation: str = "mean"
+    aea_aggregation: str = "drop"
     wsa_classifier: str = "mlp"
     wsa_lambda: float = 1.5
     progress: bool = True
@@ -235,7 +235,10 @@ def add_audit_parsers(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--views", type=int, default=10, help="augmented views for AEA (K)")
-    p.add_argument("--aea-aggregation", default="mean")
+    p.add_argument("--aea-aggregation", default="drop",
+                   help="mean, mean_all, min or drop (default; see experiments/results)")
+    p.add_argument("--wsa-lambda", type=float, default=1.5,
+                   help="pseudo-member threshold μ + λσ of known non-members' CSA (paper: 1.5)")
     p.add_argument("--wsa-classifier", default="mlp", choices=["mlp", "logreg"])
     p.add_argument("--bootstrap", type=int, default=1000)
     p.set_defaults(func=cli_audit)
@@ -254,7 +257,8 @@ def cli_audit(args: argparse.Namespace) -> int:
         attacks=parse_attacks(args.attacks), cache=args.cache, out=args.out, views=args.views,
         seed=args.seed, n_bootstrap=args.bootstrap, batch_size=args.batch_size,
         workers=args.workers, aea_aggregation=args.aea_aggregation,
-        wsa_classifier=args.wsa_classifier, progress=not args.no_progress)
+        wsa_classifier=args.wsa_classifier, wsa_lambda=args.wsa_lambda,
+        progress=not args.no_progress)
     for role in ROLES:
         if getattr(cfg, role):
             expand_patterns(getattr(cfg, role))

@@ -33,12 +33,12 @@ def pool_precision(pseudo_keys: list[str], truth: dict[str, bool]) -> float | No
 
 
 def run_pilot(root: str, out: str, attacks: tuple[str, ...], views: int, seed: int,
-              n_bootstrap: int, progress: bool) -> str:
+              n_bootstrap: int, progress: bool, wsa_lambda: float = 0.5) -> str:
     from mmia.world import build_pilot, read_ground_truth
 
     start = time.perf_counter()
     print("building or reusing the pilot world and target model …", file=sys.stderr)
-    pilot = build_pilot(root)
+    pilot = build_pilot(root, reference=False)  # no attack uses the reference model yet
     built = time.perf_counter() - start
     loaded = load_model(pilot.model_name, str(pilot.target_ckpt), str(pilot.model_config),
                         device="cpu")
@@ -50,7 +50,7 @@ def run_pilot(root: str, out: str, attacks: tuple[str, ...], views: int, seed: i
             known_nonmembers=pilot.world.urls(known), pool=pilot.world.urls("pool"),
             attacks=attacks, cache=os.path.join(root, "cache"),
             out=os.path.join(out, protocol), views=views, seed=seed, n_bootstrap=n_bootstrap,
-            progress=progress)
+            wsa_lambda=wsa_lambda, progress=progress)
         result = run_audit(loaded, cfg, command=f"mmia pilot (protocol {protocol})")
         rows += [(protocol, name, m) for name, m in result.metrics.items()]
         if "wsa" in result.metrics:
@@ -74,6 +74,9 @@ def add_pilot_parser(sub) -> None:
     p.add_argument("--views", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--wsa-lambda", type=float, default=0.5,
+                   help="0.5 here: at the paper's 1.5, μ + λσ exceeds the largest cosine on the "
+                        "iid pilot pool and WSA picks nobody")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cli_pilot)
 
@@ -82,6 +85,6 @@ def cli_pilot(args: argparse.Namespace) -> int:
     from mmia.audit import parse_attacks
 
     text = run_pilot(args.root, args.out, parse_attacks(args.attacks), args.views, args.seed,
-                     args.bootstrap, not args.no_progress)
+                     args.bootstrap, not args.no_progress, args.wsa_lambda)
     print(text)
     return 0

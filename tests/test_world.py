@@ -25,7 +25,8 @@ from mmia.world import (
 )
 
 TINY = WorldConfig(seed=3, n_members=60, n_eval=20, n_known_nonmembers=10, n_pool_members=10,
-                   n_pool_nonmembers=10, n_reference=30, n_post_release=10, samples_per_shard=25)
+                   n_pool_nonmembers=10, n_reference=30, n_post_release=10, n_post_release_known=10,
+                   samples_per_shard=25)
 TINY_MODEL = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32,
@@ -84,7 +85,8 @@ def test_splits_and_ground_truth(world):
     assert all(gt[k]["source_key"] in set(world.keys["train"]) for k in pool_members)
     assert not {gt[k]["source_key"] for k in pool_members} & {
         gt[k]["source_key"] for k in world.keys["eval_members"]}
-    disjoint = ["train", "eval_nonmembers", "known_nonmembers", "reference", "post_release"]
+    disjoint = ["train", "eval_nonmembers", "known_nonmembers", "reference", "post_release",
+                "post_release_known"]
     for i, a in enumerate(disjoint):
         for b in disjoint[i + 1:]:
             assert not urls[a] & urls[b], (a, b)

@@ -22,7 +22,7 @@ class AEA(Attack):
     name = "aea"
     requires = ("views",)
 
-    def __init__(self, aggregation: str = "mean") -> None:
+    def __init__(self, aggregation: str = "drop") -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation = aggregation

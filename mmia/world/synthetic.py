@@ -30,6 +30,7 @@ SPLITS = (
     "pool",
     "reference",
     "post_release",
+    "post_release_known",
 )
 # Each split gets its own shard-id range so keys are globally unique.
 SHARD_BASE = {name: 1000 * i for i, name in enumerate(SPLITS)}
@@ -89,6 +90,7 @@ class WorldConfig:
     n_pool_nonmembers: int = 150
     n_reference: int = 1000  # reference-model training set, disjoint from the target's
     n_post_release: int = 300
+    n_post_release_known: int = 300  # the attacker's known non-members, post-release style
     image_size: int = 64
     jpeg_quality: int = 90
     samples_per_shard: int = 1000
@@ -310,6 +312,8 @@ def make_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> World:
     splits["reference"] = [(fresh(), False, "") for _ in range(cfg.n_reference)]
     splits["post_release"] = [(fresh(cfg.shift_strength), False, "")
                               for _ in range(cfg.n_post_release)]
+    splits["post_release_known"] = [(fresh(cfg.shift_strength), False, "")
+                                    for _ in range(cfg.n_post_release_known)]
 
     world = World(root=root, cfg=cfg)
     gt_rows: list[tuple[str, str, int, str]] = []

@@ -238,11 +238,13 @@ def pilot_hash(world_cfg: WorldConfig, train_cfg: TrainConfig, model_config_json
 
 def build_pilot(root: str | Path, world_cfg: WorldConfig | None = None,
                 train_cfg: TrainConfig | None = None,
-                model_config_json: str | Path = DEFAULT_MODEL_CONFIG) -> PilotWorld:
-    """Build (or reuse) world + target + reference under ``root/<hash>/``.
+                model_config_json: str | Path = DEFAULT_MODEL_CONFIG,
+                reference: bool = True) -> PilotWorld:
+    """Build (or reuse) world + target (+ reference) under ``root/<hash>/``.
 
     A ``done`` marker is written last; a folder without it is wiped and rebuilt. The reference
-    model is trained on the ``reference`` split with seed ``train_cfg.seed + 1``.
+    model (trained on the ``reference`` split with seed ``train_cfg.seed + 1``) is added when
+    ``reference`` is true and it is missing; it is written under a temporary name first.
     """
     world_cfg = world_cfg or WorldConfig()
     train_cfg = train_cfg or TrainConfig()
@@ -255,15 +257,19 @@ def build_pilot(root: str | Path, world_cfg: WorldConfig | None = None,
     if (d / "done").exists():
         pilot.world = load_world(d / "world")
         register_model_config(pilot.model_config)
-        return pilot
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    pilot.world = make_world(d / "world", world_cfg)
-    train_clip(d / "world" / "train", model_config_json, pilot.target_ckpt, train_cfg)
-    ref_cfg = TrainConfig(**{**train_cfg.to_dict(), "seed": train_cfg.seed + 1})
-    train_clip(d / "world" / "reference", model_config_json, pilot.reference_ckpt, ref_cfg)
-    (d / "configs.json").write_text(json.dumps(
-        {"world": world_cfg.to_dict(), "train": train_cfg.to_dict()}, indent=2, sort_keys=True))
-    (d / "done").write_text("ok\n")
+    else:
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        pilot.world = make_world(d / "world", world_cfg)
+        train_clip(d / "world" / "train", model_config_json, pilot.target_ckpt, train_cfg)
+        (d / "configs.json").write_text(json.dumps(
+            {"world": world_cfg.to_dict(), "train": train_cfg.to_dict()}, indent=2,
+            sort_keys=True))
+        (d / "done").write_text("ok\n")
+    if reference and not pilot.reference_ckpt.exists():
+        ref_cfg = TrainConfig(**{**train_cfg.to_dict(), "seed": train_cfg.seed + 1})
+        partial = pilot.reference_ckpt.with_suffix(".partial.pt")
+        train_clip(d / "world" / "reference", model_config_json, partial, ref_cfg)
+        partial.replace(pilot.reference_ckpt)
     return pilot
