@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mmia.attacks import ATTACKS, Features, make_attack
+from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
 from mmia.cache import EmbeddingCache
 from mmia.embed import EmbedResult, SampleRecord, embed_shards
 from mmia.errors import MmiaError
 from mmia.metrics import evaluate
 from mmia.model import LoadedModel, load_model
-from mmia.report import write_outputs
+from mmia.report import console_notes, write_outputs
 from mmia.shards import expand_patterns
 
 ROLES = ("members", "nonmembers", "known_nonmembers", "pool")
@@ -43,7 +44,7 @@ class AuditConfig:
     n_bootstrap: int = 1000
     batch_size: int = 32
     workers: int | None = None
-    aea_aggregation: str = "drop"
+    aea_aggregation: str = DEFAULT_AGGREGATION
     wsa_classifier: str = "mlp"
     wsa_lambda: float = 1.5
     progress: bool = True
@@ -180,6 +181,8 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
         if name == "wsa":
             metrics[name]["n_pseudo_members"] = int(attack.n_pseudo_members_)
             metrics[name]["wsa_threshold"] = float(attack.threshold_)
+            metrics[name]["wsa_known_csa_mean"] = attack.mu_
+            metrics[name]["wsa_known_csa_std"] = attack.sigma_
             pool = feats["pool"]
             pseudo_keys = [pool.keys[i] for i in attack.pseudo_member_idx_]
     skips = {role: dict(r.skips) for role, r in embedded.items()}
@@ -235,8 +238,8 @@ def add_audit_parsers(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--views", type=int, default=10, help="augmented views for AEA (K)")
-    p.add_argument("--aea-aggregation", default="drop",
-                   help="mean, mean_all, min or drop (default; see experiments/results)")
+    p.add_argument("--aea-aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
+                   help=f"how AEA combines its views (default {DEFAULT_AGGREGATION}; README)")
     p.add_argument("--wsa-lambda", type=float, default=1.5,
                    help="pseudo-member threshold μ + λσ of known non-members' CSA (paper: 1.5)")
     p.add_argument("--wsa-classifier", default="mlp", choices=["mlp", "logreg"])
@@ -276,5 +279,7 @@ def cli_audit(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(note, file=sys.stderr)
     print(format_table([("audit", n, m) for n, m in result.metrics.items()]))
+    for line in console_notes(result.metrics):
+        print(line)
     print(f"wrote metrics.json, scores.csv, roc.png, report.html to {cfg.out}")
     return 0

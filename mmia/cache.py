@@ -97,8 +97,14 @@ class FeatureStore:
         self.refresh()
 
     def read(self, digests: Sequence[str]) -> np.ndarray:
-        """Features for the digests (memory-mapped segment reads); KeyError if any is absent."""
+        """Features for the digests (memory-mapped segment reads); KeyError if any is absent.
+
+        A miss re-reads the segment list first, so segments committed since this store was
+        opened (by another process or another `EmbeddingCache`) are found.
+        """
         idx = self._locate(digests)
+        if (idx < 0).any():
+            idx = self.refresh()._locate(digests)
         if (idx < 0).any():
             missing = [d for d, i in zip(digests, idx, strict=True) if i < 0]
             raise KeyError(f"{len(missing)} digests not cached, e.g. {missing[0]}")

@@ -6,8 +6,10 @@ fingerprint that changes whenever weights, preprocessing, precision or open_clip
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -138,6 +140,16 @@ def no_weights_error(name: str, tag: str, why: str) -> MmiaError:
     )
 
 
+@contextlib.contextmanager
+def _logging_above(level: int):
+    """Silence log records at `level` and below for the duration."""
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
@@ -186,14 +198,17 @@ def load_model(
             raise no_weights_error(name, pretrained, "no network")
     torch.manual_seed(0)  # random-init models (no weights given) are reproducible
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            build_name,
-            pretrained=None if is_file else pretrained,
-            precision=precision,
-            device="cpu",
-            **{PREPROCESS_KEYS[k]: v for k, v in PREPROCESS_OVERRIDES.get(name, {}).items()
-               if k in PREPROCESS_KEYS},
-        )
+        # with a checkpoint file open_clip would warn "initialized randomly" before we load it
+        quiet = contextlib.nullcontext() if not is_file else _logging_above(logging.WARNING)
+        with quiet:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                build_name,
+                pretrained=None if is_file else pretrained,
+                precision=precision,
+                device="cpu",
+                **{PREPROCESS_KEYS[k]: v for k, v in PREPROCESS_OVERRIDES.get(name, {}).items()
+                   if k in PREPROCESS_KEYS},
+            )
     except MmiaError:
         raise
     except Exception as exc:  # noqa: BLE001 - download failures surface as many types

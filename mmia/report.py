@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from mmia.metrics import LOW_FPRS
+
 BLIND = "blind"
 SHIFT_MARGIN = 0.02
 TOP_K = 10
@@ -109,6 +111,21 @@ def _sample_fields(samples, n: int) -> tuple[list[str], list[bytes | None]]:
     return list(captions), list(image_bytes)
 
 
+def above_chance(result: Mapping) -> bool:
+    """AUC clearly above 0.5: the 95 % interval excludes it (or, without one, AUC > 0.52)."""
+    ci = result.get("ci95", {}).get("auc")
+    return ci[0] > 0.5 if ci else result.get("auc", 0.5) > 0.5 + SHIFT_MARGIN
+
+
+def shifted_attacks(results: Mapping[str, Mapping]) -> list[str]:
+    """Attacks whose AUC a better-than-chance blind baseline matches or beats (± SHIFT_MARGIN)."""
+    b = results.get(BLIND, {}).get("auc")
+    if b is None or not above_chance(results[BLIND]):
+        return []
+    return [name for name, r in results.items()
+            if name != BLIND and r.get("auc") is not None and b >= r["auc"] - SHIFT_MARGIN]
+
+
 def shift_warnings(results: Mapping[str, Mapping]) -> list[str]:
     """Warnings for every attack whose AUC the blind baseline nearly matches or beats."""
     if BLIND not in results:
@@ -118,19 +135,57 @@ def shift_warnings(results: Mapping[str, Mapping]) -> list[str]:
                 "non-members is unmeasured, so AUCs may reflect dataset differences."
             )
         ]
-    b = results[BLIND].get("auc")
-    out = []
+    b = results[BLIND]["auc"]
+    return [
+        f"Blind baseline AUC {b:.3f} >= {name} AUC {results[name]['auc']:.3f} - {SHIFT_MARGIN}: "
+        f"members and non-members are separable without the model (distribution shift); {name} "
+        "may not measure memorisation."
+        for name in shifted_attacks(results)
+    ]
+
+
+def chance_notes(results: Mapping[str, Mapping]) -> list[str]:
+    """One note per attack whose AUC interval includes chance (0.5)."""
+    notes = []
     for name, r in results.items():
-        a = r.get("auc")
-        if name == BLIND or a is None or b is None:
+        if "auc" not in r or above_chance(r):
             continue
-        if b >= a - SHIFT_MARGIN:
-            out.append(
-                f"Blind baseline AUC {b:.3f} >= {name} AUC {a:.3f} - {SHIFT_MARGIN}: members and "
-                f"non-members are separable without the model (distribution shift); {name} may "
-                "not measure memorisation."
-            )
-    return out
+        lo, hi = r.get("ci95", {}).get("auc", (float("nan"), float("nan")))
+        what = ("no member/non-member distribution shift detected" if name == BLIND
+                else "this attack finds no membership signal here")
+        notes.append(f"{name}: AUC {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] is not distinguishable "
+                     f"from chance (0.5): {what}.")
+    return notes
+
+
+def resolution_notes(results: Mapping[str, Mapping]) -> list[str]:
+    """Say which low-FPR metrics the evaluation set is too small to resolve."""
+    notes = []
+    counts = {int(r["n_nonmembers"]) for r in results.values() if r.get("n_nonmembers")}
+    for n in sorted(counts):
+        for name, fpr in LOW_FPRS.items():
+            if n * fpr < 1:
+                notes.append(
+                    f"{name}: with {n} evaluation non-members the smallest non-zero FPR is "
+                    f"1/{n} = {1 / n:.4f} > {fpr:g}, so this is the TPR at FPR 0, not an "
+                    f"estimate at {fpr:.1%} FPR; it needs at least {math.ceil(1 / fpr)} "
+                    "non-members."
+                )
+    return notes
+
+
+def console_notes(results: Mapping[str, Mapping]) -> list[str]:
+    """What a terminal summary must say beside the table: shift, chance, resolution."""
+    lines = []
+    shifted = shifted_attacks(results)
+    if shifted:
+        lines.append(
+            f"WARNING the blind baseline (no model; AUC {results[BLIND]['auc']:.3f}) matches or "
+            f"beats {', '.join(shifted)}: members and non-members differ in distribution, so "
+            "these AUCs do not measure memorisation alone")
+    elif BLIND not in results:
+        lines += shift_warnings(results)
+    return lines + chance_notes(results) + resolution_notes(results)
 
 
 def _fmt(v) -> str:
@@ -193,6 +248,8 @@ def render_html(results, scores_by_attack, labels, keys, provenance, samples, ro
     warns = "".join(
         f'<div class="warn">&#9888; {html.escape(w)}</div>' for w in shift_warnings(results)
     )
+    notes = chance_notes(results) + resolution_notes(results)
+    resolution = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
     hists = "".join(
         _wide_img(_png(_histogram(n, np.asarray(s, float), y)), f"{n} histogram")
         for n, s in scores_by_attack.items()
@@ -212,6 +269,7 @@ def render_html(results, scores_by_attack, labels, keys, provenance, samples, ro
 target FPR (on known non-members unless the source says otherwise); the achieved FPR is
 measured on the evaluation non-members. Brackets: stratified-bootstrap 95 % intervals.</p>
 {_metrics_table(results)}
+{resolution}
 <h2>ROC (log-log)</h2>
 {_wide_img(roc_png, "ROC curves")}
 <h2>Score distributions</h2>
@@ -250,6 +308,8 @@ def write_outputs(
     doc = {"attacks": _jsonable(results), "model": {}, "data": {}}
     doc.update({k: _jsonable(v) for k, v in provenance.items() if k != "attacks"})
     doc["shift_warnings"] = shift_warnings(results)
+    doc["resolution_notes"] = resolution_notes(results)
+    doc["chance_notes"] = chance_notes(results)
     paths["metrics.json"].write_text(json.dumps(doc, indent=2, allow_nan=False))
 
     with paths["scores.csv"].open("w", newline="") as f:

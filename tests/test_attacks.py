@@ -95,13 +95,41 @@ def test_aea_aggregations():
     y = np.r_[np.ones(n), np.zeros(n)]
     base = CSA().score(f)
     per_view = np.einsum("nkd,nd->nk", views, txt)
-    scores = {a: AEA(aggregation=a).score(f) for a in ("mean", "mean_all", "min", "drop")}
+    scores = {a: AEA(aggregation=a).score(f) for a in ("mean", "mean_all", "min", "drop", "zdrop")}
     np.testing.assert_allclose(scores["mean"], per_view.mean(1), atol=1e-5)
     np.testing.assert_allclose(scores["drop"], base - per_view.mean(1), atol=1e-5)
     np.testing.assert_allclose(scores["mean_all"], (base + per_view.sum(1)) / (k + 1), atol=1e-5)
     np.testing.assert_allclose(scores["min"], np.minimum(base, per_view.min(1)), atol=1e-5)
+    np.testing.assert_allclose(scores["zdrop"], (base - per_view.mean(1)) / per_view.std(1),
+                               rtol=1e-4)
     assert roc_auc_score(y, scores["drop"]) > 0.95  # the drop is what separates here
+    assert roc_auc_score(y, scores["zdrop"]) > 0.95
+    assert roc_auc_score(y, scores["mean"]) < 0.35  # members lose more: mean misranks them
     assert all(s.shape == (2 * n,) for s in scores.values())
+
+
+def test_zdrop_scales_the_drop_by_the_views_spread():
+    """Equal drops: the sample whose views agree tightly is the more surprising one."""
+    img = np.eye(D)[:2]
+    txt = img.copy()  # cos(view 0, text) = 1 for both
+    spread = np.array([[0.80, 0.80, 0.80, 0.80], [0.60, 1.00, 0.60, 1.00]])  # mean 0.8 both
+    views = np.stack([_views_with_cos(txt[i], spread[i]) for i in range(2)])
+    f = _feats(img, txt, views)
+    drop, zdrop = AEA("drop").score(f), AEA("zdrop").score(f)
+    assert drop[0] == pytest.approx(drop[1], abs=1e-4) == pytest.approx(0.2, abs=1e-4)
+    assert zdrop[0] > 1e3 * zdrop[1]  # zero spread: the drop is all signal
+    assert zdrop[1] == pytest.approx(0.2 / 0.2, rel=1e-3)
+
+
+def _views_with_cos(text, cosines):
+    """Unit vectors whose cosine with the unit vector `text` is each of `cosines`."""
+    rng = np.random.default_rng(1)
+    out = []
+    for c in cosines:
+        v = rng.normal(size=D)
+        v = _unit(v - (v @ text) * text)
+        out.append(c * text + np.sqrt(1 - c**2) * v)
+    return np.array(out)
 
 
 def test_wsa_pseudo_labels_known_count_and_precision():

@@ -64,8 +64,11 @@ def test_wsa_without_known_nonmembers_is_skipped_with_a_message(tmp_path, tiny_c
                "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
                "--bootstrap", "20", "--no-progress", "--workers", "0"])
     assert rc == 0
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert "attack wsa skipped" in err and "--known-nonmembers" in err
+    assert "tpr@1%fpr: with 8 evaluation non-members" in printed.out  # the terminal says it too
+    assert "blind baseline was not run" in printed.out
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert list(metrics["attacks"]) == ["csa"]
 

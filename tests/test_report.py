@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmia.metrics import evaluate
-from mmia.report import shift_warnings, write_outputs
+from mmia.report import chance_notes, shift_warnings, shifted_attacks, write_outputs
 
 
 def _jpeg(color):
@@ -90,6 +90,25 @@ def test_shift_warning_rule():
     assert shift_warnings({"csa": {"auc": 0.70}, "blind": {"auc": 0.69}})  # within 0.02
     assert not shift_warnings({"csa": {"auc": 0.70}, "blind": {"auc": 0.60}})
     assert shift_warnings({"csa": {"auc": 0.70}})  # blind not run is flagged too
+    both = {"csa": {"auc": 0.70}, "aea": {"auc": 0.60}, "wsa": {"auc": 0.64},
+            "blind": {"auc": 0.62}}
+    assert shifted_attacks(both) == ["aea", "wsa"]
+    assert len(shift_warnings(both)) == 2 and "wsa AUC 0.640" in shift_warnings(both)[1]
+    # a blind baseline that is itself at chance says nothing about shift, whatever it beats
+    chance = {"wsa": {"auc": 0.49, "ci95": {"auc": [0.45, 0.54]}},
+              "blind": {"auc": 0.51, "ci95": {"auc": [0.47, 0.56]}}}
+    assert shifted_attacks(chance) == [] and shift_warnings(chance) == []
+    chance["blind"]["ci95"]["auc"] = [0.505, 0.56]
+    assert shifted_attacks(chance) == ["wsa"]
+
+
+def test_chance_notes_name_attacks_whose_interval_holds_one_half():
+    results = {"csa": {"auc": 0.84, "ci95": {"auc": [0.81, 0.87]}},
+               "wsa": {"auc": 0.499, "ci95": {"auc": [0.453, 0.545]}},
+               "blind": {"auc": 0.511, "ci95": {"auc": [0.465, 0.556]}}}
+    notes = chance_notes(results)
+    assert [n.split(":")[0] for n in notes] == ["wsa", "blind"]
+    assert "[0.453, 0.545]" in notes[0] and "no member/non-member distribution shift" in notes[1]
 
 
 def test_write_outputs_without_samples(tmp_path, audit):
@@ -98,3 +117,20 @@ def test_write_outputs_without_samples(tmp_path, audit):
     assert "<img" in paths["report.html"].read_text()
     with pytest.raises(ValueError):
         write_outputs(tmp_path, results, scores, y, keys[:-1], prov)
+
+
+def test_resolution_notes_flag_low_fprs_the_set_cannot_resolve(tmp_path, audit):
+    from mmia.report import resolution_notes
+
+    def notes(n_nonmembers):
+        return resolution_notes({"csa": {"n_nonmembers": n_nonmembers}})
+
+    assert len(notes(300)) == 1 and notes(300)[0].startswith("tpr@0.1%fpr")
+    assert "1/300" in notes(300)[0] and "1000" in notes(300)[0]
+    assert [n.split(":")[0] for n in notes(50)] == ["tpr@1%fpr", "tpr@0.1%fpr"]
+    assert notes(1000) == []
+    y, scores, results, keys, samples, prov = audit  # 40 non-members: both notes, everywhere
+    paths = write_outputs(tmp_path, results, scores, y, keys, prov, samples=samples)
+    doc = json.loads(paths["metrics.json"].read_text())
+    assert doc["resolution_notes"] == notes(40)
+    assert "1/40" in paths["report.html"].read_text()

@@ -90,7 +90,7 @@ class WSA(Attack):
             raise NoPseudoMembers(
                 f"WSA: no pool sample has CSA >= threshold {self.threshold_:.4f} "
                 f"(mu={self.mu_:.4f}, sigma={self.sigma_:.4f}, lam={self.lam}); "
-                "lower lam or use a larger pool"
+                "lower lam (--wsa-lambda) or use a larger pool"
             )
         x = np.concatenate(
             [_concat(pool.subset(self.pseudo_member_idx_)), _concat(known_nonmembers)]

@@ -9,7 +9,6 @@ import json
 import math
 import random
 import shutil
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 import open_clip
 import torch
 from PIL import Image
+
+from mmia.shards import Sample, read_samples
 
 from .synthetic import World, WorldConfig, load_world, make_world
 
@@ -61,31 +62,19 @@ def register_model_config(model_config_json: str | Path) -> str:
 
 
 def read_pairs(shards: str | Path | list) -> list[tuple[str, bytes, str]]:
-    """Read (key, jpg bytes, caption) from a shard dir, a glob, a tar path or a list of them."""
+    """Read (key, image bytes, caption) from a shard dir, a glob, a tar path or a list of them.
+
+    Uses mmia's shard reader, so training sees exactly the samples an audit sees.
+    """
     if isinstance(shards, (list, tuple)):
         paths = [str(p) for p in shards]
     else:
         p = Path(shards)
         paths = sorted(glob.glob(str(p / "*.tar"))) if p.is_dir() else sorted(glob.glob(str(p)))
-    out: list[tuple[str, bytes, str]] = []
-    for tpath in paths:
-        groups: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(tpath) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key in sorted(groups):
-            g = groups[key]
-            img = g.get("jpg") or g.get("png") or g.get("webp")
-            if img is None or "txt" not in g:
-                continue
-            out.append((key, img, g["txt"].decode("utf-8")))
-    if not out:
-        raise FileNotFoundError(f"no samples found in {shards}")
-    return out
+    if not paths:
+        raise FileNotFoundError(f"no shards found in {shards}")
+    return [(s.key.rsplit("/", 1)[-1], s.image_bytes, s.caption)
+            for s in read_samples(paths, split=False) if isinstance(s, Sample)]
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:

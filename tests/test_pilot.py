@@ -1,0 +1,72 @@
+"""`mmia pilot` end to end on a tiny world and model, and its flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+from test_world import TINY
+
+from mmia.cli import build_parser
+from mmia.errors import MmiaError
+from mmia.pilot import PilotSettings, pilot_configs, pool_precision, run_pilot
+from mmia.world import TrainConfig, WorldConfig
+
+
+@pytest.fixture(scope="module")
+def pilot_run(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("pilot")
+    settings = PilotSettings(views=2, n_bootstrap=20, progress=False)
+    train = TrainConfig(epochs=2, batch_size=30, lr=2e-3, warmup_steps=1)
+    text = run_pilot(str(root / "state"), str(root / "out"), settings, TINY, train, tiny_config)
+    return root, text
+
+
+def test_pilot_prints_both_protocols_and_writes_reports(pilot_run):
+    root, text = pilot_run
+    rows = [line.split("|")[1:3] for line in text.splitlines() if line.startswith("| ")][1:]
+    got = {(p.strip(), a.strip()) for p, a in rows}
+    assert got == {(p, a) for p in ("iid", "post-release") for a in ("csa", "aea", "wsa", "blind")}
+    assert text.count("pseudo-members, precision") == 2
+    assert "tpr@0.1%fpr: with 20 evaluation non-members" in text  # TINY has 20 of each
+    for protocol in ("iid", "post-release"):
+        metrics = json.loads((root / "out" / protocol / "metrics.json").read_text())
+        assert metrics["attacks"]["csa"]["n_members"] == TINY.n_eval
+        assert metrics["settings"]["wsa_lambda"] == 0.5
+
+
+def test_pilot_reuses_its_world_and_cache(pilot_run, tiny_config, capsys):
+    root, text = pilot_run
+    settings = PilotSettings(views=2, n_bootstrap=20, progress=False)
+    train = TrainConfig(epochs=2, batch_size=30, lr=2e-3, warmup_steps=1)
+    again = run_pilot(str(root / "state"), str(root / "out2"), settings, TINY, train, tiny_config)
+    embedded_now = re.findall(r"(\d+) embedded now", capsys.readouterr().err)
+    assert embedded_now and set(embedded_now) == {"0"}  # everything came from the cache
+    strip = [line for line in again.splitlines() if not line.startswith("world+target")]
+    assert strip == [line for line in text.splitlines() if not line.startswith("world+target")]
+
+
+def test_pool_precision_matches_raw_keys_against_ground_truth():
+    truth = {"000010001": True, "000010002": False, "000010003": True}
+    assert pool_precision(["pool/00001/000010001", "pool/00001/000010002"], truth) == 0.5
+    assert pool_precision(["x/000010003"], truth) == 1.0
+    assert pool_precision(["x/unknown"], truth) is None
+
+
+def _pilot_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["pilot", *argv])
+
+
+def test_pilot_flags_make_the_world_and_training_configs():
+    world, train = pilot_configs(_pilot_args())
+    assert world == WorldConfig() and train == TrainConfig()
+    world, train = pilot_configs(_pilot_args("--members", "300", "--epochs", "3",
+                                             "--world-seed", "7", "--idio-strength", "0.1",
+                                             "--shift-strength", "0.2"))
+    assert (world.n_members, world.n_eval, world.n_pool_members) == (300, 100, 50)
+    assert (world.seed, world.idio_strength, world.shift_strength) == (7, 0.1, 0.2)
+    assert (train.epochs, train.seed) == (3, 7)
+    with pytest.raises(MmiaError, match="--members"):
+        pilot_configs(_pilot_args("--members", "10"))
