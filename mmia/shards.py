@@ -128,14 +128,19 @@ def _open(url: str):
 
 
 def tar_members(urls: Iterable[str]) -> Iterator[tuple[str, str, bytes] | Skip]:
-    """(url, member name, bytes) for every regular file of every shard; broken shards → Skip."""
+    """(url, member name, bytes) for every regular file of every shard; broken shards → Skip.
+
+    A shard that cannot be opened, or whose opener fails (an http 404, a `pipe:` command that
+    exits non-zero), is one `unreadable_shard`; one that breaks off after some samples is a
+    `truncated_shard` (its intact prefix is kept).
+    """
     for url in urls:
         try:
             stream = _open(url)
         except Exception as exc:  # noqa: BLE001 - any opener failure is one unreadable shard
             yield Skip("unreadable_shard", url=url, detail=str(exc))
             continue
-        count = 0
+        count, error = 0, None
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
@@ -145,14 +150,28 @@ def tar_members(urls: Iterable[str]) -> Iterator[tuple[str, str, bytes] | Skip]:
                     count += 1
                     yield url, member.name, data
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            reason = "empty_shard" if count == 0 and "empty" in str(exc).lower() else (
-                "truncated_shard")
-            yield Skip(reason, url=url, detail=str(exc))
-            continue
-        finally:
-            stream.close()
-        if count == 0:
+            error = exc
+        except BaseException:  # the consumer stopped early (GeneratorExit) or was interrupted
+            _close(stream)
+            raise
+        close_error = _close(stream)
+        if close_error is not None and count == 0:
+            yield Skip("unreadable_shard", url=url, detail=close_error)
+        elif error is not None or close_error is not None:
+            empty = count == 0 and "empty" in str(error).lower()
+            yield Skip("empty_shard" if empty else "truncated_shard", url=url,
+                       detail=str(error or close_error))
+        elif count == 0:
             yield Skip("empty_shard", url=url)
+
+
+def _close(stream) -> str | None:
+    """Close a shard stream; the error a pipe or download reports on closing, if any."""
+    try:
+        stream.close()
+    except Exception as exc:  # noqa: BLE001 - webdataset pipes raise OSError with exit status
+        return str(exc)[:300]
+    return None
 
 
 def split_name(name: str) -> tuple[str, str]:

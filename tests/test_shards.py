@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -147,9 +148,49 @@ def test_pipe_urls_are_read(tmp_path):
     assert len(samples) == 2
 
 
+def test_a_failing_pipe_is_a_counted_skip_not_a_crash(tmp_path):
+    path = write_shard(tmp_path / "00000.tar", good_members(0, 2))
+    full = write_shard(tmp_path / "full.tar", good_members(1, 4))
+    half = tmp_path / "half.tar"
+    half.write_bytes(open(full, "rb").read()[: int(0.7 * os.path.getsize(full))])
+    broken = f"pipe:cat {half}; exit 1"
+    samples, skips = collect([f"pipe:cat {path}", "pipe:exit 3", broken])
+    by_url = {u: sum(s.url == u for s in samples) for u in (f"pipe:cat {path}", broken)}
+    assert by_url[f"pipe:cat {path}"] == 2 and 1 <= by_url[broken] < 4  # intact prefix kept
+    assert [(k.reason, k.url) for k in skips] == [("unreadable_shard", "pipe:exit 3"),
+                                                 ("truncated_shard", broken)]
+
+
 def test_skip_is_not_a_sample():
     assert not isinstance(Skip("x"), Sample)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         add_member(tar, "a.json", json.dumps({}).encode())
     assert buf.getvalue()
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A loopback HTTP server over tmp_path; yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_urls_are_read_and_a_missing_one_is_a_counted_skip(tmp_path, http_root):
+    (tmp_path / "laion").mkdir()
+    write_good_shards(tmp_path / "laion", 2, 3)
+    samples, skips = collect(f"{http_root}/laion/{{00000..00002}}.tar")  # 00002 does not exist
+    assert [s.key for s in samples][:2] == ["00000/000000000", "00000/000000001"]
+    assert len(samples) == 6 and samples[3].image_bytes == jpeg_bytes(1000)
+    assert len(skips) == 1 and skips[0].url.endswith("00002.tar")
+    assert skips[0].reason == "unreadable_shard" and "exit 22" in skips[0].detail  # curl: 404
