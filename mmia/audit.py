@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -275,7 +274,7 @@ def cli_audit(args: argparse.Namespace) -> int:
     ensure_writable_dir(cfg.cache, "--cache")
     loaded = load_model(args.model, args.pretrained, args.model_config, args.device,
                         args.precision)
-    result = run_audit(loaded, cfg, "mmia " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    result = run_audit(loaded, cfg, args.command_line)
     for note in result.notes:
         print(note, file=sys.stderr)
     print(format_table([("audit", n, m) for n, m in result.metrics.items()]))

@@ -6,6 +6,7 @@ Every user error becomes one line on stderr naming the problem and the fix, and 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from mmia.errors import MmiaError
@@ -76,7 +77,9 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.command_line = "mmia " + " ".join(shlex.quote(a) for a in argv)  # for provenance
     try:
         return args.func(args)
     except MmiaError as exc:

@@ -151,8 +151,7 @@ def cli_pilot(args: argparse.Namespace) -> int:
         raise MmiaError(f"model config {args.model_config!r} does not exist: pass a JSON file")
     text = run_pilot(args.root, args.out, settings, world_cfg, train_cfg, args.model_config)
     os.makedirs(args.out, exist_ok=True)
-    command = "mmia " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["pilot"] else "mmia pilot"
     with open(os.path.join(args.out, "pilot.md"), "w") as f:
-        f.write(f"Command: `{command}`\n\n{text}\n")
+        f.write(f"Command: `{args.command_line}`\n\n{text}\n")
     print(text)
     return 0

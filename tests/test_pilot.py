@@ -14,13 +14,14 @@ from mmia.errors import MmiaError
 from mmia.pilot import PilotSettings, pilot_configs, pool_precision, run_pilot
 from mmia.world import TrainConfig, WorldConfig
 
+SETTINGS = PilotSettings(views=2, n_bootstrap=20, progress=False)
+TRAIN = TrainConfig(epochs=2, batch_size=30, lr=2e-3, warmup_steps=1)
+
 
 @pytest.fixture(scope="module")
 def pilot_run(tmp_path_factory, tiny_config):
     root = tmp_path_factory.mktemp("pilot")
-    settings = PilotSettings(views=2, n_bootstrap=20, progress=False)
-    train = TrainConfig(epochs=2, batch_size=30, lr=2e-3, warmup_steps=1)
-    text = run_pilot(str(root / "state"), str(root / "out"), settings, TINY, train, tiny_config)
+    text = run_pilot(str(root / "state"), str(root / "out"), SETTINGS, TINY, TRAIN, tiny_config)
     return root, text
 
 
@@ -39,9 +40,7 @@ def test_pilot_prints_both_protocols_and_writes_reports(pilot_run):
 
 def test_pilot_reuses_its_world_and_cache(pilot_run, tiny_config, capsys):
     root, text = pilot_run
-    settings = PilotSettings(views=2, n_bootstrap=20, progress=False)
-    train = TrainConfig(epochs=2, batch_size=30, lr=2e-3, warmup_steps=1)
-    again = run_pilot(str(root / "state"), str(root / "out2"), settings, TINY, train, tiny_config)
+    again = run_pilot(str(root / "state"), str(root / "out2"), SETTINGS, TINY, TRAIN, tiny_config)
     embedded_now = re.findall(r"(\d+) embedded now", capsys.readouterr().err)
     assert embedded_now and set(embedded_now) == {"0"}  # everything came from the cache
     strip = [line for line in again.splitlines() if not line.startswith("world+target")]

@@ -18,6 +18,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from mmia.model import register_model_config
 from mmia.shards import Sample, read_samples
 
 from .synthetic import World, WorldConfig, load_world, make_world
@@ -52,13 +53,6 @@ class TrainResult:
     model_name: str
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def register_model_config(model_config_json: str | Path) -> str:
-    """Register a custom open_clip config file; returns the model name (the file's stem)."""
-    path = Path(model_config_json)
-    open_clip.add_model_config(path)
-    return path.stem
 
 
 def read_pairs(shards: str | Path | list) -> list[tuple[str, bytes, str]]:
@@ -105,7 +99,7 @@ def train_clip(shard_dir_or_urls: str | Path | list, model_config_json: str | Pa
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    name = register_model_config(model_config_json)
+    name = register_model_config(str(model_config_json))
     _seed_all(cfg.seed)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name)
     tokenizer = open_clip.get_tokenizer(name)
@@ -172,7 +166,7 @@ def load_checkpoint(path: str | Path, model_config_json: str | Path | None = Non
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     name = ckpt["model_name"]
-    register_model_config(model_config_json or path.parent / f"{name}.json")
+    register_model_config(str(model_config_json or path.parent / f"{name}.json"))
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
@@ -245,7 +239,7 @@ def build_pilot(root: str | Path, world_cfg: WorldConfig | None = None,
                        model_config=d / f"{name}.json", model_name=name)
     if (d / "done").exists():
         pilot.world = load_world(d / "world")
-        register_model_config(pilot.model_config)
+        register_model_config(str(pilot.model_config))
     else:
         if d.exists():
             shutil.rmtree(d)
