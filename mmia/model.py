@@ -199,7 +199,7 @@ def load_model(
     torch.manual_seed(0)  # random-init models (no weights given) are reproducible
     try:
         # with a checkpoint file open_clip would warn "initialized randomly" before we load it
-        quiet = contextlib.nullcontext() if not is_file else _logging_above(logging.WARNING)
+        quiet = _logging_above(logging.WARNING) if is_file else contextlib.nullcontext()
         with quiet:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 build_name,

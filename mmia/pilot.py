@@ -150,7 +150,6 @@ def cli_pilot(args: argparse.Namespace) -> int:
     if args.model_config and not os.path.isfile(args.model_config):
         raise MmiaError(f"model config {args.model_config!r} does not exist: pass a JSON file")
     text = run_pilot(args.root, args.out, settings, world_cfg, train_cfg, args.model_config)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "pilot.md"), "w") as f:
         f.write(f"Command: `{args.command_line}`\n\n{text}\n")
     print(text)

@@ -249,7 +249,7 @@ def render_html(results, scores_by_attack, labels, keys, provenance, samples, ro
         f'<div class="warn">&#9888; {html.escape(w)}</div>' for w in shift_warnings(results)
     )
     notes = chance_notes(results) + resolution_notes(results)
-    resolution = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+    notes_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
     hists = "".join(
         _wide_img(_png(_histogram(n, np.asarray(s, float), y)), f"{n} histogram")
         for n, s in scores_by_attack.items()
@@ -269,7 +269,7 @@ def render_html(results, scores_by_attack, labels, keys, provenance, samples, ro
 target FPR (on known non-members unless the source says otherwise); the achieved FPR is
 measured on the evaluation non-members. Brackets: stratified-bootstrap 95 % intervals.</p>
 {_metrics_table(results)}
-{resolution}
+{notes_html}
 <h2>ROC (log-log)</h2>
 {_wide_img(roc_png, "ROC curves")}
 <h2>Score distributions</h2>
