@@ -1,34 +1,47 @@
-"""`mmia audit`: embed what the cache lacks, run the attacks, evaluate honestly, write reports.
+"""`mmia audit`: embed what the cache lacks, run the attacks, evaluate honestly.
 
-Thresholds come from known non-members only; the blind baseline runs beside the attacks.
+Thresholds come from known non-members the attack did not train on; the blind baseline runs
+beside the attacks. `run_audit` returns an `AuditResult` and neither prints nor parses;
+`AuditResult.write` writes the outputs.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from mmia.attacks import ATTACKS, Features, make_attack
-from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
+from mmia.attacks import ATTACKS, Attack, Features, make_attack
+from mmia.attacks.aea import DEFAULT_AGGREGATION
 from mmia.cache import EmbeddingCache
 from mmia.embed import EmbedResult, SampleRecord, embed_shards
 from mmia.errors import MmiaError
 from mmia.metrics import evaluate
-from mmia.model import LoadedModel, load_model
-from mmia.report import console_notes, write_outputs
-from mmia.shards import expand_patterns
+from mmia.model import LoadedModel
+from mmia.report import write_outputs
+from mmia.shards import is_remote, local_path
 
+log = logging.getLogger(__name__)
 ROLES = ("members", "nonmembers", "known_nonmembers", "pool")
+EVALUATION_ROLES = ("members", "nonmembers")
+ROLE_NAMES = {"members": "members", "nonmembers": "non-members",
+              "known_nonmembers": "known non-members", "pool": "pool"}
 
 
 @dataclass
 class AuditConfig:
-    """Everything an audit needs besides the model."""
+    """Everything an audit needs besides the model.
+
+    `out` is where `AuditResult.write` puts the outputs (the CLI's --out).
+    `calibration_fraction`: share of the known non-members held out of the fitting of attacks
+    that learn from them (WSA), to set their threshold.
+    `progress`: False, True (a tqdm bar on stderr) or a callable(done, counts) per chunk.
+    """
 
     members: list[str]
     nonmembers: list[str]
@@ -46,11 +59,14 @@ class AuditConfig:
     aea_aggregation: str = DEFAULT_AGGREGATION
     wsa_classifier: str = "mlp"
     wsa_lambda: float = 1.5
-    progress: bool = True
+    calibration_fraction: float = 0.5
+    progress: bool | Callable = False
 
 
 @dataclass
 class AuditResult:
+    """Everything an audit found; `write` turns it into the four output files."""
+
     metrics: dict
     scores: dict[str, np.ndarray]
     labels: np.ndarray
@@ -58,6 +74,24 @@ class AuditResult:
     notes: list[str]
     embed: dict[str, EmbedResult]
     wsa_pseudo_member_keys: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    evaluation: Features | None = None
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write metrics.json, scores.csv, roc.png and report.html; return their paths."""
+        return write_outputs(out_dir, self.metrics, self.scores, self.labels, self.keys,
+                             self.provenance, samples=self.evaluation)
+
+
+@dataclass
+class AttackRun:
+    """An attack's evaluation scores and the scores of the known non-members it is calibrated
+    on, which it did not train on (None: no known non-members, or supervised on labels)."""
+
+    attack: Attack
+    scores: np.ndarray
+    calibration_scores: np.ndarray | None
+    n_fit_known_nonmembers: int = 0
 
 
 def parse_attacks(text: str) -> tuple[str, ...]:
@@ -81,36 +115,99 @@ def features_of(records: list[SampleRecord], cache: EmbeddingCache, views: int) 
     )
 
 
+def _shard_identity(url: str) -> str:
+    return url if not url or is_remote(url) else os.path.realpath(local_path(url))
+
+
+def _overlap(a: list[SampleRecord], b: list[SampleRecord]) -> list[tuple[str, str, str]]:
+    """Samples of `a` that are also in `b`: (key in a, key in b, how they match)."""
+    by_key = {(_shard_identity(r.url), r.key): r.key for r in b}
+    by_content = {(r.image_digest, r.caption_digest): r.key for r in b}
+    found = []
+    for r in a:
+        other = by_key.get((_shard_identity(r.url), r.key))
+        if other is not None:
+            found.append((r.key, other, "the same shard and key"))
+            continue
+        other = by_content.get((r.image_digest, r.caption_digest))
+        if other is not None:
+            found.append((r.key, other, "the same image and caption"))
+    return found
+
+
+# (role, other role, fatal?, why) for every pair of roles
+ROLE_PAIRS = (
+    ("nonmembers", "members", True,
+     "a sample cannot be both a member and a non-member: de-duplicate the two sets"),
+    ("known_nonmembers", "members", True,
+     "known non-members that are members would bias the calibration: "
+     "remove them from --known-nonmembers"),
+    ("known_nonmembers", "nonmembers", True,
+     "evaluation samples would leak into the attacks' fitting and calibration: "
+     "remove them from --known-nonmembers"),
+    ("pool", "members", True,
+     "evaluation samples would leak into WSA's training: remove them from --pool"),
+    ("pool", "nonmembers", True,
+     "evaluation samples would leak into WSA's training: remove them from --pool"),
+    ("pool", "known_nonmembers", False,
+     "WSA sees them both as known non-members and as pool candidates"),
+)
+
+
+def check_roles_disjoint(records: dict[str, list[SampleRecord]]) -> list[str]:
+    """Raise MmiaError (count and an example) on an overlap that puts a sample on both sides
+    or leaks evaluation data into fitting or calibration; notes for the harmless ones."""
+    notes = []
+    for role, other, fatal, why in ROLE_PAIRS:
+        found = _overlap(records.get(role, []), records.get(other, []))
+        if not found:
+            continue
+        key, other_key, how = found[0]
+        text = (f"{len(found)} sample(s) of the {ROLE_NAMES[role]} are also "
+                f"{ROLE_NAMES[other]} (e.g. {key!r} has {how} as {other_key!r}): {why}")
+        if fatal:
+            raise MmiaError(text)
+        notes.append(text)
+    return notes
+
+
 def check_disjoint(members: list[SampleRecord], nonmembers: list[SampleRecord]) -> None:
-    keys = {r.key for r in members} & {r.key for r in nonmembers}
-    if keys:
+    """Members and non-members share no sample (by shard and key, or by content)."""
+    check_roles_disjoint({"members": members, "nonmembers": nonmembers})
+
+
+def split_known_nonmembers(known: Features, fraction: float,
+                           seed: int) -> tuple[Features, Features]:
+    """Seeded split of the known non-members into (fitting part, calibration part)."""
+    n_cal = int(round(fraction * len(known)))
+    if n_cal < 1 or n_cal >= len(known):
         raise MmiaError(
-            f"{len(keys)} key(s) are both members and non-members (e.g. {sorted(keys)[0]!r}): "
-            "a sample cannot be both; remove the shared shards from one of the sets"
-        )
-    pairs = {(r.image_digest, r.caption_digest) for r in members}
-    same = [r.key for r in nonmembers if (r.image_digest, r.caption_digest) in pairs]
-    if same:
-        raise MmiaError(
-            f"{len(same)} non-member(s) have the same image and caption as a member "
-            f"(e.g. {same[0]!r}): de-duplicate the sets before auditing"
-        )
+            f"cannot hold out {fraction:.0%} of {len(known)} known non-members for calibration "
+            "and fit on the rest: give more known non-members")
+    order = np.random.default_rng(seed).permutation(len(known))
+    return known.subset(np.sort(order[n_cal:])), known.subset(np.sort(order[:n_cal]))
 
 
 def run_attack(name: str, cfg: AuditConfig, feats: dict[str, Features | None],
-               labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, object]:
-    """(evaluation scores, known-non-member scores or None, fitted attack)."""
+               labels: np.ndarray) -> AttackRun:
+    """Fit and score one attack; calibrate it on known non-members it did not train on."""
     params = {"aea": {"aggregation": cfg.aea_aggregation},
               "wsa": {"classifier": cfg.wsa_classifier, "lam": cfg.wsa_lambda,
                       "seed": cfg.seed}}.get(name, {})
     attack = make_attack(name, **params)
     evaluation = feats["evaluation"]
     if "labels" in attack.requires:  # the blind baseline: cross-validated on evaluation labels
-        return attack.cross_val_scores(evaluation, labels, seed=cfg.seed), None, attack
-    attack.fit(known_nonmembers=feats["known_nonmembers"], pool=feats["pool"])
+        scores = attack.cross_val_scores(evaluation, labels, seed=cfg.seed)
+        return AttackRun(attack, scores, None)
     known = feats["known_nonmembers"]
-    known_scores = attack.score(known) if known is not None and len(known) else None
-    return attack.score(evaluation), known_scores, attack
+    fit_known = calibration = known
+    if known is not None and attack.learns_from_known_nonmembers:
+        fit_known, calibration = split_known_nonmembers(known, cfg.calibration_fraction,
+                                                        cfg.seed)
+    attack.fit(known_nonmembers=fit_known, pool=feats["pool"])
+    n_fit = len(fit_known) if attack.learns_from_known_nonmembers else 0
+    calibration_scores = attack.score(calibration) if calibration is not None else None
+    return AttackRun(attack, attack.score(evaluation), calibration_scores, n_fit)
 
 
 def skipped_attacks(cfg: AuditConfig, have: dict[str, bool]) -> dict[str, str]:
@@ -125,44 +222,55 @@ def skipped_attacks(cfg: AuditConfig, have: dict[str, bool]) -> dict[str, str]:
     return reasons
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def attack_metrics(run: AttackRun, cfg: AuditConfig, labels: np.ndarray) -> dict:
+    """`mmia.metrics.evaluate` of one attack run, plus what the attack learned."""
+    m = evaluate(labels, run.scores, run.calibration_scores, target_fpr=cfg.target_fpr,
+                 n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    m["n_known_nonmembers_fit"] = run.n_fit_known_nonmembers
+    attack = run.attack
+    if attack.name == "wsa":
+        m.update(n_pseudo_members=int(attack.n_pseudo_members_),
+                 wsa_threshold=float(attack.threshold_), wsa_known_csa_mean=attack.mu_,
+                 wsa_known_csa_std=attack.sigma_, wsa_epochs=attack.epochs_run_)
+    return m
+
+
 def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> AuditResult:
-    """Embed every role, run the attacks, evaluate and write the four outputs."""
+    """Embed every role, run the attacks and evaluate them; writes nothing (see `write`)."""
     roles = {r: getattr(cfg, r) for r in ROLES}
-    all_urls = [u for p in roles.values() if p for u in expand_patterns(p)]
-    os.makedirs(cfg.out, exist_ok=True)
-    if not os.access(cfg.out, os.W_OK):
-        raise MmiaError(f"output folder {cfg.out!r} is not writable: pass another --out")
     views = cfg.views if "aea" in cfg.attacks else 0
     keep = "blind" in cfg.attacks
     embedded: dict[str, EmbedResult] = {}
     for role, patterns in roles.items():
         if patterns:
-            print(f"embedding {role} …", file=sys.stderr)
-            embedded[role] = embed_shards(
-                loaded, patterns, cfg.cache, views=views, batch_size=cfg.batch_size,
-                workers=cfg.workers, progress=cfg.progress, keep_images=keep,
-                label_urls=all_urls)
-            print(f"{role}: " + embedded[role].summary().replace("\n", f"\n{role}: "),
-                  file=sys.stderr)
+            log.info("embedding %s …", role)
+            embedded[role] = embed_shards(  # the pool needs no views, only WSA reads it
+                loaded, patterns, cfg.cache, views=0 if role == "pool" else views,
+                batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress,
+                keep_images=keep and role in EVALUATION_ROLES)
+            log.info("%s: %s", role, embedded[role].summary().replace("\n", f"\n{role}: "))
     members, nonmembers = embedded["members"].records, embedded["nonmembers"].records
     if not members or not nonmembers:
         which = "members" if not members else "non-members"
         raise MmiaError(f"no usable {which} in the evaluation set: check the shard patterns "
                         "and the skip counts above")
-    check_disjoint(members, nonmembers)
+    notes = check_roles_disjoint({role: r.records for role, r in embedded.items()})
     cache = EmbeddingCache(cfg.cache, loaded.fingerprint)
     records = members + nonmembers
     labels = np.array([1] * len(members) + [0] * len(nonmembers))
     feats: dict[str, Features | None] = {"evaluation": features_of(records, cache, views)}
-    for role in ("known_nonmembers", "pool"):
+    for role, role_views in (("known_nonmembers", views), ("pool", 0)):
         recs = embedded[role].records if role in embedded else []
-        feats[role] = features_of(recs, cache, views) if recs else None
+        feats[role] = features_of(recs, cache, role_views) if recs else None
     have = {"known_nonmembers": feats["known_nonmembers"] is not None,
             "pool": feats["pool"] is not None, "views": views > 0}
-    notes: list[str] = []
     skipped = skipped_attacks(cfg, have)
-    for name, why in skipped.items():
-        notes.append(f"attack {name} skipped: it {why}")
+    notes += [f"attack {name} skipped: it {why}" for name, why in skipped.items()]
     metrics: dict[str, dict] = {}
     scores: dict[str, np.ndarray] = {}
     pseudo_keys: list[str] = []
@@ -170,20 +278,17 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
         if name in skipped:
             continue
         try:
-            s, known_scores, attack = run_attack(name, cfg, feats, labels)
-        except MmiaError as exc:
-            notes.append(f"attack {name} skipped: {exc}")
+            run = run_attack(name, cfg, feats, labels)
+            metrics[name] = attack_metrics(run, cfg, labels)
+        except Exception as exc:  # noqa: BLE001 - an attack that cannot run becomes a note
+            log.debug("attack %s failed", name, exc_info=True)
+            notes.append(f"attack {name} skipped: {_first_line(exc)}")
             continue
-        scores[name] = s
-        metrics[name] = evaluate(labels, s, known_scores, target_fpr=cfg.target_fpr,
-                                 n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+        scores[name] = run.scores
         if name == "wsa":
-            metrics[name]["n_pseudo_members"] = int(attack.n_pseudo_members_)
-            metrics[name]["wsa_threshold"] = float(attack.threshold_)
-            metrics[name]["wsa_known_csa_mean"] = attack.mu_
-            metrics[name]["wsa_known_csa_std"] = attack.sigma_
-            pool = feats["pool"]
-            pseudo_keys = [pool.keys[i] for i in attack.pseudo_member_idx_]
+            pseudo_keys = [feats["pool"].keys[i] for i in run.attack.pseudo_member_idx_]
+    if not scores:
+        raise MmiaError("no attack could run: " + "; ".join(notes))
     skips = {role: dict(r.skips) for role, r in embedded.items()}
     provenance = {
         "model": {**loaded.description, "fingerprint": loaded.fingerprint},
@@ -195,90 +300,31 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
         "settings": {"seed": cfg.seed, "views": views, "target_fpr": cfg.target_fpr,
                      "n_bootstrap": cfg.n_bootstrap, "aea_aggregation": cfg.aea_aggregation,
                      "wsa_classifier": cfg.wsa_classifier, "wsa_lambda": cfg.wsa_lambda,
+                     "calibration_fraction": cfg.calibration_fraction,
                      "augment": cache.augment.__dict__},
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if not scores:
-        raise MmiaError("no attack could run: " + "; ".join(notes))
-    write_outputs(cfg.out, metrics, scores, labels, [r.key for r in records], provenance,
-                  samples=feats["evaluation"])
     return AuditResult(metrics, scores, labels, [r.key for r in records], notes, embedded,
-                       pseudo_keys)
+                       pseudo_keys, provenance, feats["evaluation"])
 
 
 def format_table(rows: list[tuple[str, str, dict]]) -> str:
-    """Markdown table: attack × protocol × AUC, TPR@1%, TPR@0.1% with 95 % intervals."""
+    """Markdown table per protocol and attack: ROC figures on the evaluation set (oracle
+    thresholds) and the calibrated decision (threshold from known non-members), each with
+    its 95 % interval ([–] where none is valid)."""
 
     def cell(m: dict, k: str) -> str:
-        lo, hi = m.get("ci95", {}).get(k, (float("nan"), float("nan")))
-        return f"{m[k]:.3f} [{lo:.3f}, {hi:.3f}]"
+        ci = m.get("ci95", {}).get(k)
+        value = m.get(k)
+        text = "n/a" if value is None else f"{value:.3f}"
+        return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " [–]")
 
-    lines = ["| protocol | attack | AUC | TPR@1%FPR | TPR@0.1%FPR | achieved FPR |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| protocol | attack | AUC | TPR@1%FPR (ROC) | TPR@0.1%FPR (ROC) | "
+             "TPR at calibrated threshold | achieved FPR |",
+             "|---|---|---|---|---|---|---|"]
     for protocol, name, m in rows:
         lines.append(f"| {protocol} | {name} | {cell(m, 'auc')} | {cell(m, 'tpr@1%fpr')} | "
-                     f"{cell(m, 'tpr@0.1%fpr')} | {m.get('achieved_fpr', float('nan')):.3f} |")
+                     f"{cell(m, 'tpr@0.1%fpr')} | {cell(m, 'tpr_at_threshold')} | "
+                     f"{cell(m, 'achieved_fpr')} |")
     return "\n".join(lines)
-
-
-def add_audit_parsers(sub) -> None:
-    from mmia.cli import add_model_args
-
-    p = sub.add_parser("audit", help="run membership-inference attacks and write a report")
-    add_model_args(p)
-    for role in ROLES:
-        flag = "--" + role.replace("_", "-")
-        p.add_argument(flag, dest=role, nargs="+", action="extend",
-                       required=role in ("members", "nonmembers"),
-                       help=f"shard patterns of the {role.replace('_', ' ')} (may repeat)")
-    p.add_argument("--attacks", default="csa,aea,wsa,blind")
-    p.add_argument("--cache", default=".mmia/cache")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--views", type=int, default=10, help="augmented views for AEA (K)")
-    p.add_argument("--aea-aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
-                   help=f"how AEA combines its views (default {DEFAULT_AGGREGATION}; README)")
-    p.add_argument("--wsa-lambda", type=float, default=1.5,
-                   help="pseudo-member threshold μ + λσ of known non-members' CSA (paper: 1.5)")
-    p.add_argument("--wsa-classifier", default="mlp", choices=["mlp", "logreg"])
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.set_defaults(func=cli_audit)
-
-    try:
-        from mmia.pilot import add_pilot_parser
-    except ImportError:
-        return
-    add_pilot_parser(sub)
-
-
-def cli_audit(args: argparse.Namespace) -> int:
-    cfg = AuditConfig(
-        members=args.members, nonmembers=args.nonmembers,
-        known_nonmembers=args.known_nonmembers or [], pool=args.pool or [],
-        attacks=parse_attacks(args.attacks), cache=args.cache, out=args.out, views=args.views,
-        seed=args.seed, n_bootstrap=args.bootstrap, batch_size=args.batch_size,
-        workers=args.workers, aea_aggregation=args.aea_aggregation,
-        wsa_classifier=args.wsa_classifier, wsa_lambda=args.wsa_lambda,
-        progress=not args.no_progress)
-    for role in ROLES:
-        if getattr(cfg, role):
-            expand_patterns(getattr(cfg, role))
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-    except OSError as exc:
-        raise MmiaError(f"cannot create output folder {cfg.out!r} ({exc.strerror}): "
-                        "pass a writable --out") from None
-    from mmia.cli import ensure_writable_dir
-
-    ensure_writable_dir(cfg.cache, "--cache")
-    loaded = load_model(args.model, args.pretrained, args.model_config, args.device,
-                        args.precision)
-    result = run_audit(loaded, cfg, args.command_line)
-    for note in result.notes:
-        print(note, file=sys.stderr)
-    print(format_table([("audit", n, m) for n, m in result.metrics.items()]))
-    for line in console_notes(result.metrics):
-        print(line)
-    print(f"wrote metrics.json, scores.csv, roc.png, report.html to {cfg.out}")
-    return 0

@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,10 +90,8 @@ class PreparedStream(IterableDataset):
     """Worker-side stage: reader → digests → cache check → decode and views for what is missing."""
 
     def __init__(self, patterns: Sequence[str], cache: EmbeddingCache, views: int,
-                 preprocess, augment: AugmentConfig, keep_images: bool = False,
-                 label_urls: Sequence[str] | None = None):
+                 preprocess, augment: AugmentConfig, keep_images: bool = False):
         self.patterns = list(patterns)
-        self.label_urls = list(label_urls or [])
         self.keep_images = keep_images
         self.cache_root, self.fingerprint = cache.root, cache.fingerprint
         self.views, self.preprocess, self.augment = views, preprocess, augment
@@ -101,7 +99,7 @@ class PreparedStream(IterableDataset):
     def __iter__(self) -> Iterator[list]:
         cache = EmbeddingCache(self.cache_root, self.fingerprint, self.augment)
         chunk: list = []
-        for item in read_samples(self.patterns, label_urls=self.label_urls):
+        for item in read_samples(self.patterns):
             chunk.append(self.prepare(item, cache))
             if len(chunk) >= CHUNK:
                 yield chunk
@@ -151,15 +149,12 @@ class Encoder:
         if n < self.batch_size:
             pad = torch.zeros((self.batch_size - n, *batch.shape[1:]), dtype=batch.dtype)
             batch = torch.cat([batch, pad])
-        # fp16/bf16 models keep some parameters (embeddings, norms) in fp32: feed inputs in
-        # the low precision the conv/linear weights use, not the first parameter's dtype
-        dtypes = {p.dtype for p in self.loaded.model.parameters() if p.is_floating_point()}
-        dtype = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)
         batch = batch.to(self.loaded.device)
-        if batch.is_floating_point():
-            batch = batch.to(dtype)
+        if batch.is_floating_point():  # images; token ids stay integer
+            batch = batch.to(self.loaded.input_dtype)
         self.forward_passes += 1
-        out = encode(batch, normalize=True)
+        with self.loaded.autocast():  # `amp`: fp32 weights, mixed-precision compute
+            out = encode(batch, normalize=True)
         return out[:n].float().cpu().numpy()
 
 
@@ -217,11 +212,16 @@ def embed_shards(
     workers: int | None = None,
     augment: AugmentConfig | None = None,
     flush_every: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int, dict], None] = True,
     keep_images: bool = False,
-    label_urls: Sequence[str] | None = None,
+    mp_context: str | None = None,
 ) -> EmbedResult:
-    """Fill the cache with view-0..`views` image features and caption features of the shards."""
+    """Fill the cache with view-0..`views` image features and caption features of the shards.
+
+    progress: True for a tqdm bar, False for none, or a callable(samples done, counts) per
+    chunk. mp_context: DataLoader worker start method ("fork", "spawn", "forkserver"; default: the
+    platform's).
+    """
     augment = augment or AugmentConfig()
     urls = expand_patterns(patterns)
     cache = EmbeddingCache(cache_dir, loaded.fingerprint, augment)
@@ -229,16 +229,16 @@ def embed_shards(
     if workers is None:
         workers = 1 if (os.cpu_count() or 1) > 1 else 0
     workers = max(0, min(workers, len(urls)))
-    stream = PreparedStream(urls, cache, views, loaded.preprocess, augment, keep_images,
-                            label_urls)
+    stream = PreparedStream(urls, cache, views, loaded.preprocess, augment, keep_images)
     loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                        persistent_workers=False, collate_fn=lambda x: x)
+                        persistent_workers=False, collate_fn=_as_is,
+                        multiprocessing_context=mp_context if workers else None)
     encoder = Encoder(loaded, batch_size)
     pending = PendingWrites(encoder, cache, flush_every or 8 * batch_size)
     result = EmbedResult(records=[])
     seen_keys: set[str] = set()
     start = time.perf_counter()
-    bar = _progress_bar(progress)
+    report = progress if callable(progress) else TqdmProgress(progress)
     for chunk in loader:
         for item in chunk:
             if item[0] == "skip":
@@ -258,17 +258,32 @@ def embed_shards(
                 result.embedded += 1
             else:
                 result.cached += 1
-        bar.update(len(chunk))
-        bar.set_postfix(new=result.embedded, cached=result.cached,
-                        skipped=sum(result.skips.values()), refresh=False)
+        report(len(chunk), {"new": result.embedded, "cached": result.cached,
+                            "skipped": sum(result.skips.values())})
     pending.finish()
-    bar.close()
+    getattr(report, "close", lambda: None)()
     result.forward_passes = encoder.forward_passes
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _progress_bar(enabled: bool):
-    from tqdm import tqdm
+def _as_is(chunk: list) -> list:
+    """DataLoader collate for pre-chunked items (module level: picklable under spawn)."""
+    return chunk
 
-    return tqdm(unit=" samples", disable=not enabled, dynamic_ncols=True, mininterval=1.0)
+
+class TqdmProgress:
+    """The default progress callback: a tqdm bar on stderr (hidden when not enabled)."""
+
+    def __init__(self, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit=" samples", disable=not enabled, dynamic_ncols=True,
+                        mininterval=1.0)
+
+    def __call__(self, done: int, counts: dict) -> None:
+        self.bar.update(done)
+        self.bar.set_postfix(refresh=False, **counts)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,15 +1,27 @@
 """Membership-inference metrics. Member = label 1 = positive class; higher score = member.
 
 Decision rule everywhere: predict member iff score >= threshold.
+
+Two different kinds of numbers, kept apart by name:
+- the ROC on the evaluation set (`auc`, `tpr@1%fpr`, `tpr@0.1%fpr`): oracle thresholds chosen on
+  the evaluation set itself, as papers report them; AUC gets a DeLong interval (logit scale),
+  TPR at a low FPR a stratified bootstrap interval, but only where the evaluation set holds
+  enough non-members to resolve that FPR (`MIN_FALSE_POSITIVES` expected false positives);
+- the calibrated decision (`threshold`, `tpr_at_threshold`, `achieved_fpr`): a threshold set on
+  known non-members that nothing else used, then applied to the evaluation set; its rates are
+  binomial proportions at a fixed threshold and get exact Clopper–Pearson intervals.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import auc as _sk_auc
-from sklearn.metrics import roc_curve
+from scipy import stats
 
 LOW_FPRS = {"tpr@1%fpr": 0.01, "tpr@0.1%fpr": 0.001}
+LEVEL = 0.95
+# a bootstrap interval for TPR at FPR f needs about this many evaluation non-members above the
+# threshold (n_nonmembers * f); below it the percentile bootstrap under-covers (tests/test_metrics)
+MIN_FALSE_POSITIVES = 10
 
 
 def check_labels(labels: np.ndarray) -> np.ndarray:
@@ -31,53 +43,127 @@ def _check_scores(scores: np.ndarray, n: int) -> np.ndarray:
     return s
 
 
-def _roc(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    fpr, tpr, _ = roc_curve(y, s, pos_label=1, drop_intermediate=False)
-    return fpr, tpr
+def _allowed_above(n: int, fpr: float) -> int:
+    """How many of n non-members may score above an ROC threshold at FPR <= fpr."""
+    return int(np.floor(fpr * n + 1e-9))
 
 
-def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
-    ok = fpr <= target + 1e-12
-    return float(tpr[ok].max())
+def _tpr_above(sorted_pos: np.ndarray, cut: np.ndarray | float) -> np.ndarray | float:
+    """Fraction of (ascending) member scores strictly above `cut`."""
+    n = sorted_pos.size
+    return (n - np.searchsorted(sorted_pos, cut, side="right")) / n
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
-    """Max TPR over ROC points whose FPR <= `fpr` (no interpolation)."""
+    """Max TPR over ROC points whose FPR <= `fpr` (no interpolation).
+
+    With k = floor(fpr * n_nonmembers), the best such point thresholds just above the
+    (k+1)-th largest non-member score.
+    """
     y = check_labels(labels)
-    f, t = _roc(y, _check_scores(scores, len(y)))
-    return _tpr_at(f, t, fpr)
+    s = _check_scores(scores, len(y))
+    neg = np.sort(s[y == 0])[::-1]
+    k = _allowed_above(neg.size, fpr)
+    if k >= neg.size:
+        return 1.0
+    return float(_tpr_above(np.sort(s[y == 1]), neg[k]))
+
+
+def conformal_p_values(known_nonmember_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """p = (1 + #{known >= s}) / (1 + n_known): valid p-values for "this is a non-member".
+
+    Valid when the known non-members are exchangeable with the scored non-members and the
+    attack did not train on them.
+    """
+    known = np.sort(np.asarray(known_nonmember_scores, dtype=np.float64))
+    s = np.asarray(scores, dtype=np.float64)
+    above = known.size - np.searchsorted(known, s, side="left")
+    return (1.0 + above) / (1.0 + known.size)
 
 
 def threshold_at_fpr(known_nonmember_scores: np.ndarray, target_fpr: float) -> float:
-    """Lowest threshold with fraction(known non-members >= threshold) <= target_fpr.
+    """Lowest threshold t whose conformal p-value (1 + #{known >= t}) / (1 + n) <= target_fpr.
 
-    Equivalent to the (1 - target_fpr) quantile, made tie-safe: the threshold sits just above the
-    (k+1)-th largest known score, k = floor(target_fpr * n), so tied scores are never split.
+    A new non-member exchangeable with the known ones then scores >= t with probability at most
+    target_fpr (exactly (k + 1) / (n + 1) for the k known allowed above t). Tie-safe: t sits
+    just above a known score, so tied scores are never split. Returns +inf (flag nobody) when
+    n is too small for the target: n + 1 < 1 / target_fpr.
     """
     s = np.sort(np.asarray(known_nonmember_scores, dtype=np.float64))[::-1]
     if s.size == 0:
         raise ValueError("threshold_at_fpr needs at least one known non-member score")
     if not 0 <= target_fpr < 1:
         raise ValueError("target_fpr must be in [0, 1)")
-    k = int(np.floor(target_fpr * s.size + 1e-9))
+    k = int(np.floor(target_fpr * (s.size + 1) + 1e-9)) - 1  # known scores allowed >= t
+    if k < 0:
+        return float("inf")
+    if k >= s.size:
+        return float("-inf")
     return float(np.nextafter(s[k], np.inf))
 
 
-def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    return float(_sk_auc(fpr, tpr))
+def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> list[float] | None:
+    """Exact binomial interval for a proportion; None without trials."""
+    if trials <= 0:
+        return None
+    ci = stats.binomtest(int(successes), int(trials)).proportion_ci(level, method="exact")
+    return [float(ci.low), float(ci.high)]
 
 
-def _point_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
-    fpr, tpr = _roc(y, s)
-    out = {"auc": _auc(fpr, tpr)}
-    out.update({k: _tpr_at(fpr, tpr, v) for k, v in LOW_FPRS.items()})
-    pred = s >= threshold
-    t, f = float(pred[y == 1].mean()), float(pred[y == 0].mean())
-    out["balanced_accuracy"] = (t + 1.0 - f) / 2.0
-    out["advantage"] = t - f
-    out["tpr_at_threshold"] = t
-    out["achieved_fpr"] = f
-    return out
+def auc_with_delong(labels: np.ndarray, scores: np.ndarray,
+                    level: float = LEVEL) -> tuple[float, list[float]]:
+    """AUC (ties count 1/2) and its DeLong interval, built on the logit scale.
+
+    DeLong et al. 1988: the variance of the Mann–Whitney AUC from the members' and
+    non-members' placement values. The logit transform keeps the interval inside (0, 1);
+    at AUC 0 or 1 (no placement variance) Hanley–McNeil's variance stands in.
+    """
+    y = check_labels(labels)
+    s = _check_scores(scores, len(y))
+    pos, neg = s[y == 1], s[y == 0]
+    m, n = pos.size, neg.size
+    ranks = stats.rankdata(s)
+    rank_pos = ranks[y == 1] - stats.rankdata(pos)  # non-members below each member (ties 1/2)
+    rank_neg = ranks[y == 0] - stats.rankdata(neg)  # members below each non-member
+    v10 = rank_pos / n
+    v01 = 1.0 - rank_neg / m
+    auc = float(v10.mean())
+    var = (v10.var(ddof=1) / m if m > 1 else 0.0) + (v01.var(ddof=1) / n if n > 1 else 0.0)
+    a = float(np.clip(auc, 0.5 / (m * n), 1 - 0.5 / (m * n)))
+    if var <= 0:  # Hanley & McNeil 1982 at the clipped AUC
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (m - 1) * (q1 - a * a) + (n - 1) * (q2 - a * a)) / (m * n)
+    z = stats.norm.ppf(0.5 + level / 2)
+    half = z * np.sqrt(var) / (a * (1 - a))
+    logit = np.log(a / (1 - a))
+    lo, hi = 1 / (1 + np.exp(-(logit - half))), 1 / (1 + np.exp(-(logit + half)))
+    return auc, [float(lo), float(hi)]
+
+
+def bootstrap_tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float,
+                         n_bootstrap: int, seed: int = 0,
+                         level: float = LEVEL) -> list[float] | None:
+    """Stratified percentile-bootstrap interval of `tpr_at_fpr`, in O(n_bootstrap log n).
+
+    Exact resampling without materialising resamples: the (k+1)-th largest of n resampled
+    non-members is the empirical quantile at a Beta(n - k, k + 1) level, and the number of
+    resampled members above a cut holding c of m members is Binomial(m, c / m).
+    """
+    y = check_labels(labels)
+    s = _check_scores(scores, len(y))
+    if n_bootstrap <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    neg, pos = np.sort(s[y == 0]), np.sort(s[y == 1])
+    n, m = neg.size, pos.size
+    k = _allowed_above(n, fpr)
+    if k >= n:
+        return [1.0, 1.0]
+    u = rng.beta(n - k, k + 1, size=n_bootstrap)  # (n-k)-th smallest of n uniforms
+    cut = neg[np.clip(np.ceil(u * n).astype(np.int64) - 1, 0, n - 1)]
+    draws = rng.binomial(m, _tpr_above(pos, cut)) / m
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))]
 
 
 def evaluate(
@@ -88,50 +174,52 @@ def evaluate(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """AUC, TPR at 1 % / 0.1 % FPR, thresholded metrics and stratified-bootstrap 95 % CIs.
+    """ROC figures and the calibrated decision of one attack, each with its own 95 % interval.
 
-    The decision threshold comes from `known_nonmember_scores` at `target_fpr`; without them it
-    falls back to the evaluation non-members' own quantile ("threshold_source" says which).
-    The bootstrap resamples members, non-members and known non-members separately and
-    recomputes the threshold in each replicate.
+    `known_nonmember_scores` must come from known non-members the attack did not train on;
+    without them the threshold falls back to the evaluation non-members' own quantile
+    (`threshold_source` says which) and the achieved FPR gets no interval (it is not an
+    independent estimate then). `ci95[name]` is None where no valid interval exists;
+    `ci_method[name]` names the method of each interval.
     """
     y = check_labels(labels)
     s = _check_scores(scores, len(y))
     known = None if known_nonmember_scores is None else np.asarray(known_nonmember_scores, float)
     if known is not None and known.size == 0:
         known = None
-    source = "known_nonmembers" if known is not None else "evaluation_nonmembers"
+    calibration = known if known is not None else s[y == 0]
+    threshold = threshold_at_fpr(calibration, target_fpr)
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    flagged_pos = int((s[y == 1] >= threshold).sum())
+    flagged_neg = int((s[y == 0] >= threshold).sum())
+    tpr, fpr = flagged_pos / n_pos, flagged_neg / n_neg
 
-    def thr(s_eval: np.ndarray, y_eval: np.ndarray, kn: np.ndarray | None) -> float:
-        return threshold_at_fpr(kn if kn is not None else s_eval[y_eval == 0], target_fpr)
-
-    threshold = thr(s, y, known)
-    res: dict = _point_metrics(y, s, threshold)
+    auc, auc_ci = auc_with_delong(y, s)
+    res: dict = {"auc": auc}
+    ci: dict[str, list[float] | None] = {"auc": auc_ci}
+    method = {"auc": "delong"}
+    for name, f in LOW_FPRS.items():
+        res[name] = tpr_at_fpr(y, s, f)
+        resolvable = n_neg * f >= MIN_FALSE_POSITIVES
+        ci[name] = (bootstrap_tpr_at_fpr(y, s, f, n_bootstrap, seed) if resolvable else None)
+        method[name] = "bootstrap"
     res.update(
         threshold=threshold,
-        threshold_source=source,
+        threshold_source="known_nonmembers" if known is not None else "evaluation_nonmembers",
         target_fpr=float(target_fpr),
-        n_members=int((y == 1).sum()),
-        n_nonmembers=int((y == 0).sum()),
+        n_calibration=int(calibration.size),
+        tpr_at_threshold=tpr,
+        achieved_fpr=fpr,
+        balanced_accuracy=(tpr + 1.0 - fpr) / 2.0,
+        advantage=tpr - fpr,
+        n_members=n_pos,
+        n_nonmembers=n_neg,
         n_known_nonmembers=0 if known is None else int(known.size),
-        min_resolvable_fpr=1.0 / int((y == 0).sum()),
+        min_resolvable_fpr=1.0 / n_neg,
     )
-    res["ci95"] = _bootstrap(y, s, known, thr, n_bootstrap, seed)
+    ci["tpr_at_threshold"] = clopper_pearson(flagged_pos, n_pos)
+    ci["achieved_fpr"] = clopper_pearson(flagged_neg, n_neg) if known is not None else None
+    method.update(tpr_at_threshold="clopper-pearson", achieved_fpr="clopper-pearson")
+    res["ci95"] = ci
+    res["ci_method"] = method
     return res
-
-
-def _bootstrap(y, s, known, thr, n_bootstrap: int, seed: int) -> dict[str, list[float]]:
-    if n_bootstrap <= 0:
-        return {}
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n_bootstrap):
-        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        yb, sb = y[idx], s[idx]
-        kb = None if known is None else known[rng.integers(0, known.size, known.size)]
-        for k, v in _point_metrics(yb, sb, thr(sb, yb, kb)).items():
-            draws.setdefault(k, []).append(v)
-    return {
-        k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()
-    }

@@ -1,26 +1,32 @@
 """Load any open_clip model for auditing: tag, local checkpoint, local-dir or custom config.
 
 Always eval mode, weights loaded with `weights_only=True`, the QuickGELU trap guarded, and a
-fingerprint that changes whenever weights, preprocessing, precision or open_clip change.
+fingerprint built from plain values (resolved model config, weights, preprocessing settings,
+precision, library versions) that changes whenever any of them changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmia.errors import MmiaError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+PRECISIONS = ("fp32", "fp16", "bf16", "amp")
+SCHEMAS = ("hf-hub:", "local-dir:")  # models whose config comes with their weights
 PREPROCESS_KEYS = {"mean": "image_mean", "std": "image_std",
                    "interpolation": "image_interpolation", "resize_mode": "image_resize_mode"}
 # a custom config's `preprocess_cfg` (mean, std, interpolation, resize_mode), by model name
@@ -40,6 +46,27 @@ class LoadedModel:
     precision: str
     device: torch.device
     description: dict
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype image batches are fed in (fp16/bf16 for those precisions, else fp32)."""
+        from open_clip import get_input_dtype
+
+        return get_input_dtype(self.precision) or torch.float32
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context for forward passes: autocast under `amp`, nothing otherwise."""
+        dtype = autocast_dtype(self.precision, self.device)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """`amp` computes in fp16 on CUDA and in bf16 elsewhere; other precisions do not autocast."""
+    if precision != "amp":
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -89,6 +116,55 @@ def quickgelu_name(name: str, pretrained: str | None) -> str:
     if cfg.get("quick_gelu") and f"{name}-quickgelu" in open_clip.list_models():
         return f"{name}-quickgelu"
     return name
+
+
+def quickgelu_tags(name: str) -> list[str]:
+    """The released open_clip tags of architecture `name` that were trained with QuickGELU."""
+    import open_clip
+
+    return [tag for tag in open_clip.list_pretrained_tags_by_model(name)
+            if (open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu")]
+
+
+def choose_quick_gelu(name: str, pretrained: str | None, is_file: bool,
+                      quick_gelu: bool | None) -> bool | None:
+    """QuickGELU or GELU: the caller's choice, else the model config's or the tag's.
+
+    A checkpoint file says nothing about its activation: for an architecture with released
+    QuickGELU weights the caller must choose. None: the config that comes with the weights
+    (hf-hub:, local-dir:) decides.
+    """
+    import open_clip
+
+    if quick_gelu is not None:
+        return quick_gelu
+    if name.startswith(SCHEMAS):
+        return None
+    if (open_clip.get_model_config(name) or {}).get("quick_gelu"):
+        return True
+    if pretrained and not is_file:
+        return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
+    tags = quickgelu_tags(name) if is_file else []
+    if tags:
+        raise MmiaError(
+            f"checkpoint {pretrained!r} does not say whether {name!r} runs QuickGELU or GELU: "
+            f"the released {name} weights {', '.join(tags)} were trained with QuickGELU; pass "
+            "--quick-gelu for those, --no-quick-gelu for weights trained with GELU (the other "
+            "tags, open_clip's default)"
+        )
+    return False
+
+
+def quick_gelu_override(name: str, choice: bool | None) -> dict[str, bool]:
+    """Model kwargs that make open_clip build `name` with the chosen activation."""
+    import open_clip
+
+    if choice is None:
+        return {}
+    config = None if name.startswith(SCHEMAS) else open_clip.get_model_config(name)
+    if config is not None and bool(config.get("quick_gelu")) == choice:
+        return {}
+    return {"quick_gelu": choice}
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -160,6 +236,50 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def plain(value: Any, depth: int = 0) -> Any:
+    """JSON values describing `value`: numbers, strings, lists, dicts; never a repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return plain(value.value, depth)
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [plain(v, depth) for v in value]
+        return sorted(items, key=json.dumps) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, dict):
+        return {str(k): plain(v, depth) for k, v in value.items()}
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
+        return {"function": f"{value.__module__}.{value.__qualname__}"}
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if depth >= 4:
+        return {"type": kind}
+    settings = {k: plain(v, depth + 1) for k, v in sorted(vars(value).items())
+                if not k.startswith("_") and k != "training"} if hasattr(value, "__dict__") else {}
+    return {"type": kind, **settings}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that compute features: open_clip, torch, torchvision, Pillow."""
+    import open_clip
+    import PIL
+    import torchvision
+
+    return {"open_clip": open_clip.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+
+
+def resolved_config(build_name: str, choice: bool | None, preprocess_cfg: dict) -> dict:
+    """The open_clip model config as built: QuickGELU choice and preprocessing override in."""
+    import open_clip
+
+    config = open_clip.get_model_config(build_name) or {}
+    config["quick_gelu"] = bool(config.get("quick_gelu")) if choice is None else choice
+    if preprocess_cfg:
+        config["preprocess_cfg"] = preprocess_cfg
+    return plain(config)
+
+
 def make_fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -170,10 +290,19 @@ def load_model(
     model_config: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    quick_gelu: bool | None = None,
 ) -> LoadedModel:
-    """Build an open_clip model in eval mode with its eval transform and tokenizer."""
+    """Build an open_clip model in eval mode with its eval transform and tokenizer.
+
+    quick_gelu: build with QuickGELU (True) or GELU (False); None decides from the config or
+    the pretrained tag, and refuses a checkpoint file of an architecture with QuickGELU tags.
+    """
     import open_clip
 
+    if precision not in PRECISIONS:
+        raise MmiaError(
+            f"precision {precision!r} is not supported: use one of {', '.join(PRECISIONS)}"
+        )
     dev = resolve_device(device)
     if model_config:
         name = register_model_config(model_config, name)
@@ -181,14 +310,14 @@ def load_model(
     is_file = bool(pretrained) and (
         os.path.exists(pretrained) or pretrained.endswith(CHECKPOINT_SUFFIXES)
     )
-    if build_name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+    if build_name not in open_clip.list_models() and not name.startswith(SCHEMAS):
         raise MmiaError(
             f"unknown model {name!r}: use a name from open_clip.list_models() "
             "or pass --model-config FILE for a custom config"
         )
     if is_file and not os.path.isfile(pretrained):
         raise MmiaError(f"checkpoint {pretrained!r} does not exist: check the --pretrained path")
-    if pretrained and not is_file and not pretrained.startswith(("hf-hub:", "local-dir:")):
+    if pretrained and not is_file and not pretrained.startswith(SCHEMAS):
         if not open_clip.get_pretrained_cfg(build_name, pretrained):
             raise MmiaError(
                 f"unknown pretrained tag {pretrained!r} for {name!r}: see "
@@ -196,6 +325,8 @@ def load_model(
             )
         if not tag_cached_locally(build_name, pretrained) and not hub_reachable():
             raise no_weights_error(name, pretrained, "no network")
+    choice = choose_quick_gelu(build_name, pretrained, is_file, quick_gelu)
+    preprocess_cfg = PREPROCESS_OVERRIDES.get(name, {})
     torch.manual_seed(0)  # random-init models (no weights given) are reproducible
     try:
         # with a checkpoint file open_clip would warn "initialized randomly" before we load it
@@ -206,8 +337,9 @@ def load_model(
                 pretrained=None if is_file else pretrained,
                 precision=precision,
                 device="cpu",
-                **{PREPROCESS_KEYS[k]: v for k, v in PREPROCESS_OVERRIDES.get(name, {}).items()
+                **{PREPROCESS_KEYS[k]: v for k, v in preprocess_cfg.items()
                    if k in PREPROCESS_KEYS},
+                **quick_gelu_override(build_name, choice),
             )
     except MmiaError:
         raise
@@ -225,16 +357,21 @@ def load_model(
             ) from None
     model = model.to(dev).eval()
     tokenizer = open_clip.get_tokenizer(build_name)
+    amp_dtype = autocast_dtype(precision, dev)
     description = {
         "name": build_name,
         "pretrained": os.path.abspath(pretrained) if is_file else pretrained,
-        "precision": precision,
-        "open_clip": open_clip.__version__,
-        "torch": torch.__version__,
-        "preprocess": repr(preprocess),
+        "model_config": resolved_config(build_name, choice, preprocess_cfg),
         "weights": weights_digest(model),
+        "preprocess": plain(preprocess),
+        "precision": precision,
+        "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+        "versions": library_versions(),
     }
-    fingerprint = make_fingerprint({k: v for k, v in description.items() if k != "pretrained"})
+    # what computes the features, not what it is called or where the weights lay
+    fingerprint = make_fingerprint(
+        {k: v for k, v in description.items() if k not in ("name", "pretrained")}
+    )
     return LoadedModel(
         model=model,
         preprocess=preprocess,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
+import functools
 import io
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 
+import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
@@ -20,7 +22,26 @@ from mmia.metrics import LOW_FPRS
 BLIND = "blind"
 SHIFT_MARGIN = 0.02
 TOP_K = 10
-TABLE_METRICS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy", "advantage")
+TEMPLATE = "report.html.j2"
+NO_INTERVAL = "no valid interval"
+# (column heading, result key): ROC figures on the evaluation set (oracle thresholds)
+ROC_COLUMNS = (("AUC", "auc"), ("TPR@1%FPR", "tpr@1%fpr"), ("TPR@0.1%FPR", "tpr@0.1%fpr"))
+# the calibrated decision: a threshold set on known non-members, applied to the evaluation set
+DECISION_COLUMNS = (
+    ("target FPR", "target_fpr"),
+    ("threshold", "threshold"),
+    ("threshold source", "threshold_source"),
+    ("n_calibration", "n_calibration"),
+    ("TPR at threshold", "tpr_at_threshold"),
+    ("achieved FPR", "achieved_fpr"),
+    ("balanced accuracy", "balanced_accuracy"),
+)
+INTERVAL_METRICS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "tpr_at_threshold", "achieved_fpr")
+CI_METHOD_NAMES = {
+    "delong": "DeLong",
+    "bootstrap": "stratified bootstrap",
+    "clopper-pearson": "exact Clopper-Pearson",
+}
 
 
 def _jsonable(obj):
@@ -111,10 +132,25 @@ def _sample_fields(samples, n: int) -> tuple[list[str], list[bytes | None]]:
     return list(captions), list(image_bytes)
 
 
+def _interval(result: Mapping, key: str) -> tuple[float, float] | None:
+    """`result["ci95"][key]` as (lo, hi) if it is a finite pair, else None."""
+    ci = (result.get("ci95") or {}).get(key)
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return None
+    ok = all(isinstance(v, numbers.Real) and math.isfinite(v) for v in ci)
+    return (float(ci[0]), float(ci[1])) if ok else None
+
+
+def _interval_text(result: Mapping, key: str, digits: int = 4) -> str | None:
+    """The interval as "[lo, hi]", or None when there is no valid one."""
+    ci = _interval(result, key)
+    return None if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def above_chance(result: Mapping) -> bool:
     """AUC clearly above 0.5: the 95 % interval excludes it (or, without one, AUC > 0.52)."""
-    ci = result.get("ci95", {}).get("auc")
-    return ci[0] > 0.5 if ci else result.get("auc", 0.5) > 0.5 + SHIFT_MARGIN
+    ci = _interval(result, "auc")
+    return ci[0] > 0.5 if ci else (result.get("auc") or 0.5) > 0.5 + SHIFT_MARGIN
 
 
 def shifted_attacks(results: Mapping[str, Mapping]) -> list[str]:
@@ -150,10 +186,10 @@ def chance_notes(results: Mapping[str, Mapping]) -> list[str]:
     for name, r in results.items():
         if "auc" not in r or above_chance(r):
             continue
-        lo, hi = r.get("ci95", {}).get("auc", (float("nan"), float("nan")))
+        ci = _interval_text(r, "auc", digits=3) or f"({NO_INTERVAL})"
         what = ("no member/non-member distribution shift detected" if name == BLIND
                 else "this attack finds no membership signal here")
-        notes.append(f"{name}: AUC {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] is not distinguishable "
+        notes.append(f"{name}: AUC {r['auc']:.3f} {ci} is not distinguishable "
                      f"from chance (0.5): {what}.")
     return notes
 
@@ -189,97 +225,110 @@ def console_notes(results: Mapping[str, Mapping]) -> list[str]:
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    """A value for the page: ints as they are, floats to 4 places, ±inf as such, NaN/None n/a."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:+}" if math.isinf(v) else f"{v:.4f}"
+    return str(v)
 
 
-def _metrics_table(results: Mapping[str, Mapping]) -> str:
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in TABLE_METRICS)
-    rows = []
+def _threshold_notes(results: Mapping[str, Mapping]) -> list[str]:
+    """Explain an infinite threshold: too few calibration scores for the target FPR."""
+    notes = []
     for name, r in results.items():
-        cells = []
-        for m in TABLE_METRICS:
-            ci = r.get("ci95", {}).get(m)
-            ci_txt = f"<br><small>[{_fmt(ci[0])}, {_fmt(ci[1])}]</small>" if ci else ""
-            cells.append(f"<td>{_fmt(r.get(m))}{ci_txt}</td>")
-        extra = (
-            f"<td>{_fmt(r.get('threshold'))}</td><td>{_fmt(r.get('achieved_fpr'))}</td>"
-            f"<td>{html.escape(str(r.get('threshold_source', '')))}</td>"
-            f"<td>{r.get('n_members', '')} / {r.get('n_nonmembers', '')}</td>"
-        )
-        rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}{extra}</tr>")
-    return (
-        f"<table><tr><th>attack</th>{head}<th>threshold</th><th>achieved FPR</th>"
-        f"<th>threshold source</th><th>members / non-members</th></tr>{''.join(rows)}</table>"
-    )
+        t, f, n = r.get("threshold"), r.get("target_fpr"), r.get("n_calibration")
+        if t == math.inf and f and n is not None:
+            notes.append(
+                f"{name}: threshold +inf: {n} calibration non-members cannot certify a "
+                f"{f:.1%} FPR (that needs at least {math.ceil(1 / f) - 1}), so nobody is flagged "
+                "and TPR at threshold is 0 by construction."
+            )
+    return notes
 
 
-def _top_samples(name, scores, labels, keys, captions, image_bytes) -> str:
+def _cell(result: Mapping, key: str) -> dict[str, str | None]:
+    """One table cell: the value and, for metrics that carry one, its interval text."""
+    interval = None
+    if key in INTERVAL_METRICS:
+        present = key in (result.get("ci95") or {})
+        interval = _interval_text(result, key) or (NO_INTERVAL if present else "interval n/a")
+    return {"value": _fmt(result.get(key)), "interval": interval}
+
+
+def _ci_methods(results: Mapping[str, Mapping], columns: tuple[tuple[str, str], ...]) -> str:
+    """Which interval method each column's brackets use, read from every attack's ci_method."""
+    parts = []
+    for heading, key in columns:
+        if key not in INTERVAL_METRICS:
+            continue
+        found = {(r.get("ci_method") or {}).get(key) for r in results.values()} - {None}
+        names = sorted(CI_METHOD_NAMES.get(m, str(m)) for m in found)
+        parts.append(f"{heading}: {' / '.join(names) or 'method not recorded'}")
+    return "; ".join(parts)
+
+
+def _table(results: Mapping[str, Mapping], columns: tuple[tuple[str, str], ...]) -> dict:
+    """Headings, interval methods and one row of cells (and counts) per attack, for the template."""
+    rows = [
+        {
+            "attack": name,
+            "cells": [_cell(r, key) for _, key in columns],
+            "counts": f"{_fmt(r.get('n_members'))} / {_fmt(r.get('n_nonmembers'))}",
+        }
+        for name, r in results.items()
+    ]
+    return {"headings": [h for h, _ in columns], "methods": _ci_methods(results, columns),
+            "rows": rows}
+
+
+def _top_samples(name, scores, labels, keys, captions, image_bytes) -> dict:
+    """The TOP_K highest-scoring samples of one attack, as plain values for the template."""
     order = np.argsort(-scores, kind="stable")[:TOP_K]
-    rows = []
-    for i in order:
-        thumb = _thumbnail(image_bytes[i])
-        img = f'<img src="{thumb}" alt="">' if thumb else ""
-        who = "member" if labels[i] == 1 else "non-member"
-        rows.append(
-            f"<tr><td>{img}</td><td>{html.escape(str(keys[i]))}</td><td>{scores[i]:.4f}</td>"
-            f"<td>{who}</td><td>{html.escape(str(captions[i]))}</td></tr>"
-        )
-    return (
-        f"<h3>{html.escape(name)}: top {TOP_K}</h3><table><tr><th></th><th>key</th>"
-        f"<th>score</th><th>label</th><th>caption</th></tr>{''.join(rows)}</table>"
+    rows = [
+        {
+            "thumb": _thumbnail(image_bytes[i]),
+            "key": str(keys[i]),
+            "score": f"{scores[i]:.4f}",
+            "label": "member" if labels[i] == 1 else "non-member",
+            "caption": str(captions[i]),
+        }
+        for i in order
+    ]
+    return {"attack": name, "rows": rows}
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("mmia", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
-
-
-CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
-text-align:left;vertical-align:top}.warn{background:#fdecea;border:2px solid #c62828;
-padding:1em;margin:1em 0;font-weight:bold}.note{color:#555}pre{background:#f5f5f5;
-padding:1em;overflow:auto}img{max-width:96px}"""
-
-
-def _wide_img(png: bytes, alt: str) -> str:
-    return f'<img style="max-width:none" src="{_data_uri(png)}" alt="{html.escape(alt)}">'
+    return env.get_template(TEMPLATE)
 
 
 def render_html(results, scores_by_attack, labels, keys, provenance, samples, roc_png) -> str:
     """The self-contained report (all images embedded as data URIs, no external resources)."""
     y = np.asarray(labels)
     captions, image_bytes = _sample_fields(samples, len(y))
-    warns = "".join(
-        f'<div class="warn">&#9888; {html.escape(w)}</div>' for w in shift_warnings(results)
+    arrays = {n: np.asarray(s, float) for n, s in scores_by_attack.items()}
+    return _template().render(
+        warnings=shift_warnings(results),
+        notes=chance_notes(results) + resolution_notes(results) + _threshold_notes(results),
+        no_interval=NO_INTERVAL,
+        roc_table=_table(results, ROC_COLUMNS),
+        decision_table=_table(results, DECISION_COLUMNS),
+        roc_uri=_data_uri(roc_png),
+        histograms=[(n, _data_uri(_png(_histogram(n, s, y)))) for n, s in arrays.items()],
+        top_k=TOP_K,
+        tops=[_top_samples(n, s, y, keys, captions, image_bytes) for n, s in arrays.items()],
+        provenance=json.dumps(_jsonable(provenance), indent=2, sort_keys=True),
     )
-    notes = chance_notes(results) + resolution_notes(results)
-    notes_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
-    hists = "".join(
-        _wide_img(_png(_histogram(n, np.asarray(s, float), y)), f"{n} histogram")
-        for n, s in scores_by_attack.items()
-    )
-    tops = "".join(
-        _top_samples(n, np.asarray(s, float), y, keys, captions, image_bytes)
-        for n, s in scores_by_attack.items()
-    )
-    prov = html.escape(json.dumps(_jsonable(provenance), indent=2, sort_keys=True))
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>mmia membership-inference audit</title>
-<style>{CSS}</style></head><body>
-<h1>Membership-inference audit</h1>
-{warns}
-<h2>Metrics</h2>
-<p class="note">Member = positive class. Thresholded metrics use a threshold calibrated at the
-target FPR (on known non-members unless the source says otherwise); the achieved FPR is
-measured on the evaluation non-members. Brackets: stratified-bootstrap 95 % intervals.</p>
-{_metrics_table(results)}
-{notes_html}
-<h2>ROC (log-log)</h2>
-{_wide_img(roc_png, "ROC curves")}
-<h2>Score distributions</h2>
-{hists}
-<h2>Highest-scoring samples</h2>
-{tops}
-<h2>Provenance</h2>
-<pre>{prov}</pre>
-</body></html>
-"""
 
 
 def write_outputs(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -21,7 +23,6 @@ import braceexpand
 from mmia.errors import MmiaError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-KNOWN_EXTS = IMAGE_EXTS + ("txt", "json")
 MAX_CAPTION_CHARS = 100_000
 
 
@@ -61,7 +62,14 @@ def digest(data: bytes) -> str:
 
 
 def is_remote(url: str) -> bool:
-    return url.startswith(("http://", "https://", "pipe:", "s3://", "gs://"))
+    """True where webdataset's gopen hands the URL's scheme to a non-file handler (pipe:, http…)."""
+    from webdataset.gopen import gopen_schemes
+
+    try:
+        scheme = urlparse(url).scheme
+    except ValueError:  # e.g. an unbalanced "[" in a netloc: gopen cannot open it either
+        return False
+    return scheme in gopen_schemes and scheme not in ("__default__", "file")
 
 
 def local_path(url: str) -> str:
@@ -79,8 +87,9 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
         expanded = list(braceexpand.braceexpand(pattern))
         for url in expanded:
             if not is_remote(url) and not os.path.exists(local_path(url)):
+                hint = " (no webdataset handler for this scheme: use pipe:)" if "://" in url else ""
                 raise MmiaError(
-                    f"shard pattern {pattern!r} names a missing file {url!r}: "
+                    f"shard pattern {pattern!r} names a missing file {url!r}{hint}: "
                     "check the path and the brace range"
                 )
         urls.extend(expanded)
@@ -88,17 +97,33 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
 
 
 def shard_labels(urls: Sequence[str]) -> dict[str, str]:
-    """Shortest path suffix (without .tar) that tells each shard apart from all others."""
-    parts = {u: _strip_tar(urlparse(local_path(u)).path or u).strip("/").split("/") for u in urls}
+    """Label each shard by the shortest path suffix (no .tar) that tells it apart from `urls`.
+
+    At least two parts where the path has a folder (`/data/cc12m/00003.tar` → `cc12m/00003`);
+    a remote URL's host is its top folder; shards whose whole paths coincide keep their URL.
+    O(n · depth): all undecided urls are tried at one suffix length, clashing ones go longer.
+    """
+    parts = {u: _path_parts(u) for u in urls}
     labels: dict[str, str] = {}
-    for url, segs in parts.items():
-        for n in range(1, len(segs) + 1):
-            label = "/".join(segs[-n:])
-            clash = [o for o, s in parts.items() if o != url and "/".join(s[-n:]) == label]
-            if not clash:
-                break
-        labels[url] = label
+    pending, depth = list(parts), 2
+    while pending and depth <= max(len(parts[u]) for u in pending):
+        suffix = {u: "/".join(parts[u][-depth:]) for u in pending}
+        counts = Counter(suffix.values())
+        labels.update((u, suffix[u]) for u in pending if counts[suffix[u]] == 1)
+        pending, depth = [u for u in pending if counts[suffix[u]] > 1], depth + 1
+    labels.update((u, u) for u in pending)
     return labels
+
+
+def _path_parts(url: str) -> list[str]:
+    """Folders and stem of a shard's path (host first for remote urls), without .tar."""
+    if is_remote(url):
+        parsed = urlparse(url)
+        path = f"{parsed.netloc}/{parsed.path}"
+    else:
+        path = local_path(url)
+    path = posixpath.normpath(_strip_tar(path))
+    return [p for p in path.split("/") if p not in ("", ".", "..")] or [url]
 
 
 def _strip_tar(path: str) -> str:
@@ -122,9 +147,31 @@ def split_for_rank_and_worker(urls: Sequence[str]) -> list[str]:
 
 
 def _open(url: str):
+    """A binary stream: local files directly, remote urls through webdataset's gopen."""
+    if not is_remote(url):
+        return open(local_path(url), "rb")
     import webdataset as wds
+    from webdataset.gopen import Pipe
 
-    return wds.gopen(url if is_remote(url) else local_path(url), "rb")
+    stream = wds.gopen(url, "rb")
+    return _StatusOnClose(stream) if isinstance(stream, Pipe) else stream
+
+
+class _StatusOnClose:
+    """A gopen `Pipe` whose exit status is checked on close only.
+
+    `Pipe.read` raises once the command has exited non-zero, dropping output still in the pipe,
+    so whether a failing command's intact prefix was kept depended on timing.
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def read(self, size: int = -1) -> bytes:
+        return self.pipe.stream.read(size)
+
+    def close(self) -> None:
+        self.pipe.close()
 
 
 def tar_members(urls: Iterable[str]) -> Iterator[tuple[str, str, bytes] | Skip]:
@@ -175,15 +222,16 @@ def _close(stream) -> str | None:
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """Split a member name into (key, ext); keys may contain dots and folders."""
+    """(key, lower-cased ext) split at the first dot of the base name, as webdataset does.
+
+    `sub/000.caption.txt` → ("sub/000", "caption.txt"); a base name without a dot, or starting
+    with one (which webdataset drops), is all key with ext "" (so it is skipped, and counted).
+    """
     base = name.rsplit("/", 1)[-1]
-    lower = base.lower()
-    for ext in KNOWN_EXTS:
-        if lower.endswith("." + ext):
-            return name[: -len(ext) - 1], ext
-    if "." in base:
-        return name[: name.rfind(".")], base.rsplit(".", 1)[1].lower()
-    return name, ""
+    stem, dot, ext = base.partition(".")
+    if not stem or not dot:
+        return name, ""
+    return name[: len(name) - len(base) + len(stem)], ext.lower()
 
 
 def group_members(
@@ -235,14 +283,15 @@ def to_samples(
         if image_ext is None:
             yield Skip("missing_image", key=key, url=url)
             continue
-        if "txt" not in parts:
+        caption_ext = _caption_ext(parts)
+        if caption_ext is None:
             yield Skip("missing_caption", key=key, url=url)
             continue
         if not parts[image_ext]:
             yield Skip("empty_image", key=key, url=url)
             continue
         try:
-            caption = parts["txt"].decode("utf-8").strip()
+            caption = parts[caption_ext].decode("utf-8").strip()
         except UnicodeDecodeError:
             yield Skip("caption_not_utf8", key=key, url=url)
             continue
@@ -264,15 +313,20 @@ def to_samples(
         yield Sample(key=key, image_bytes=parts[image_ext], caption=caption, meta=meta, url=url)
 
 
-def read_samples(
-    patterns: str | Sequence[str], split: bool = True, label_urls: Sequence[str] | None = None
-) -> Iterator[Sample | Skip]:
+def _caption_ext(parts: dict[str, bytes]) -> str | None:
+    """The caption part: "txt", else the first `*.txt` one in sorted order ("caption.txt")."""
+    if "txt" in parts:
+        return "txt"
+    return min((ext for ext in parts if ext.endswith(".txt")), default=None)
+
+
+def read_samples(patterns: str | Sequence[str], split: bool = True) -> Iterator[Sample | Skip]:
     """Stream `Sample`s and `Skip`s from shard patterns (this rank's and worker's share).
 
-    Keys are qualified by the shortest path suffix that tells the shard apart from every
-    shard in `label_urls` (default: this input), so keys are unique across all of them.
+    Keys are `shard label/sample key`, labels from `shard_labels` over these patterns' shards
+    only, so a role's keys stay the same whatever other shards are read elsewhere.
     """
     urls = expand_patterns(patterns)
-    labels = shard_labels(sorted(set(urls) | set(label_urls or ())))
+    labels = shard_labels(urls)
     mine = split_for_rank_and_worker(urls) if split else urls
     return to_samples(group_members(tar_members(mine)), labels)

@@ -59,7 +59,7 @@ def _case(case, tmp, tiny):
             "not valid JSON"]
     if case == "members_and_nonmembers_share_keys":
         return _audit(good, good, tmp / "out", cache, *tinym), [
-            "both members and non-members", "remove"]
+            "both a member and a non-member", "same shard and key"]
     if case == "empty_evaluation_set":
         bad = write_shard(tmp / "bad.tar", sample_members("a", b"", b"c")
                           + sample_members("b", None, b"c"))
@@ -68,7 +68,7 @@ def _case(case, tmp, tiny):
     if case == "out_under_a_file":
         (tmp / "afile").write_text("x")
         return _audit(good, other, tmp / "afile/out", cache, *tinym), [
-            "output folder", "writable --out"]
+            "out folder", "writable --out"]
     if case == "cache_under_a_file":
         (tmp / "afile").write_text("x")
         return _embed(good, tmp / "afile/cache", *tinym), ["cache folder", "writable --cache"]

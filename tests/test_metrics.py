@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from mmia.metrics import check_labels, evaluate, threshold_at_fpr, tpr_at_fpr
+from scipy.stats import norm
+
+from mmia.metrics import (
+    auc_with_delong,
+    bootstrap_tpr_at_fpr,
+    check_labels,
+    conformal_p_values,
+    evaluate,
+    threshold_at_fpr,
+    tpr_at_fpr,
+)
 
 Y4 = np.array([0, 0, 1, 1])
 S4 = np.array([0.1, 0.4, 0.35, 0.8])
@@ -25,57 +35,141 @@ def test_tpr_at_fpr_is_interpolation_free():
     assert tpr_at_fpr(1 - y, s, 0.25) == pytest.approx(0.25)
 
 
-def test_threshold_from_known_nonmembers():
-    known = np.arange(100) / 100.0
-    t = threshold_at_fpr(known, 0.01)
-    assert 0.98 < t <= 0.99
-    assert np.mean(known >= t) == pytest.approx(0.01)
+def _p_of(known, t):
+    """Conformal p-value of a score at threshold t: (1 + #{known >= t}) / (1 + n)."""
+    return (1 + np.sum(known >= t)) / (1 + known.size)
+
+
+def test_threshold_from_known_nonmembers_is_conformal():
+    known = np.arange(199) / 199.0
+    t = threshold_at_fpr(known, 0.01)  # (1 + k) / 200 <= 0.01 allows k = 1 known above t
+    assert known[-2] < t <= known[-1] and np.sum(known >= t) == 1
+    assert threshold_at_fpr(np.arange(98.0), 0.01) == np.inf  # (1 + 0) / 99 > 0.01: nobody
     assert np.mean(known >= threshold_at_fpr(known, 0.0)) == 0.0
 
 
-def test_threshold_is_tie_safe():
-    known = np.array([1.0, 1.0, 1.0] + [0.0] * 97)
-    t = threshold_at_fpr(known, 0.02)  # three tied at the top: cannot take just two of them
-    assert np.mean(known >= t) <= 0.02
+def test_threshold_is_tie_safe_and_lowest_valid():
+    known = np.array([1.0, 1.0, 1.0] + [0.0] * 197)
+    # (1 + 2) / 201 <= 0.015 allows two above t, but three tie at the top: none, not two
+    assert np.sum(known >= threshold_at_fpr(known, 0.015)) == 0
+    assert np.sum(known >= threshold_at_fpr(known, 0.02)) == 3  # (1 + 3) / 201 <= 0.02
     rng = np.random.default_rng(0)
     for _ in range(50):
         k = rng.integers(0, 5, size=rng.integers(1, 300)).astype(float)
         for fpr in (0.001, 0.01, 0.1, 0.5):
             t = threshold_at_fpr(k, fpr)
-            assert np.mean(k >= t) <= fpr + 1e-12
-            # lowest such threshold: including the next tied group would exceed the target
-            below = k[k < t]
+            if t == np.inf:  # even a score above every known one has p = 1 / (n + 1) > fpr
+                assert 1 / (k.size + 1) > fpr
+                continue
+            assert _p_of(k, t) <= fpr + 1e-12
+            below = k[k < t]  # lowest such threshold: the next tied group would exceed it
             if below.size:
-                assert np.mean(k >= below.max()) > fpr
+                assert _p_of(k, below.max()) > fpr
+            # the decision "score >= t" is the decision "conformal p-value <= fpr"
+            grid = np.linspace(-1, 6, 29)
+            assert np.array_equal(grid >= t, conformal_p_values(k, grid) <= fpr + 1e-12)
+
+
+def test_calibrated_threshold_holds_its_fpr_on_fresh_nonmembers():
+    rng = np.random.default_rng(5)
+    fprs = [np.mean(rng.normal(size=20_000) >= threshold_at_fpr(rng.normal(size=299), 0.01))
+            for _ in range(300)]
+    # expected (1 + 2) / 300 = 0.01 exactly; the old rank rule gave (1 + 2) / 300 + 1/300
+    assert abs(np.mean(fprs) - 0.01) < 0.0012
 
 
 def test_evaluate_threshold_metrics_and_achieved_fpr():
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     s = np.array([0.9, 0.8, 0.3, 0.2, 0.85, 0.1, 0.05, 0.01])
-    known = np.array([0.0, 0.1, 0.2, 0.25])  # target 0 -> threshold just above 0.25
-    r = evaluate(y, s, known, target_fpr=0.0, n_bootstrap=0)
-    assert r["threshold_source"] == "known_nonmembers"
+    known = np.array([0.0, 0.1, 0.2, 0.25])  # target 0.2: (1 + 0) / 5 -> just above 0.25
+    r = evaluate(y, s, known, target_fpr=0.2, n_bootstrap=0)
+    assert r["threshold_source"] == "known_nonmembers" and r["n_calibration"] == 4
     assert 0.25 < r["threshold"] < 0.3
     # flagged: members 0.9, 0.8, 0.3 (TPR 3/4); non-members 0.85 (achieved FPR 1/4)
+    assert r["tpr_at_threshold"] == pytest.approx(0.75)
     assert r["achieved_fpr"] == pytest.approx(0.25)
     assert r["advantage"] == pytest.approx(0.5)
     assert r["balanced_accuracy"] == pytest.approx(0.75)
     assert r["n_members"] == 4 and r["n_nonmembers"] == 4
-    r2 = evaluate(y, s, None, target_fpr=0.0, n_bootstrap=0)
+    # exact binomial intervals of 3/4 and 1/4 (Clopper-Pearson, by hand from the beta quantiles)
+    from scipy.stats import beta
+
+    assert r["ci95"]["tpr_at_threshold"] == pytest.approx([beta.ppf(0.025, 3, 2),
+                                                          beta.ppf(0.975, 4, 1)])
+    assert r["ci95"]["achieved_fpr"] == pytest.approx([beta.ppf(0.025, 1, 4),
+                                                      beta.ppf(0.975, 2, 3)])
+    assert r["ci_method"]["achieved_fpr"] == "clopper-pearson"
+    r2 = evaluate(y, s, None, target_fpr=0.2, n_bootstrap=0)
     assert r2["threshold_source"] == "evaluation_nonmembers"
-    assert r2["achieved_fpr"] == 0.0
+    assert r2["ci95"]["achieved_fpr"] is None  # calibrated on itself: no honest interval
 
 
-def test_evaluate_bootstrap_intervals():
+def test_delong_matches_hand_computed_variance():
+    y = np.array([1, 1, 1, 0, 0])
+    s = np.array([0.9, 0.4, 0.6, 0.5, 0.1])
+    auc, (lo, hi) = auc_with_delong(y, s)
+    # placements: members beat 2, 1, 2 of 2 non-members; non-members beaten by 2 and 3 of 3
+    v10, v01 = np.array([1.0, 0.5, 1.0]), np.array([2 / 3, 1.0])
+    var = v10.var(ddof=1) / 3 + v01.var(ddof=1) / 2
+    assert auc == pytest.approx(5 / 6)
+    half = 1.959964 * np.sqrt(var) / (auc * (1 - auc))
+    logit = np.log(auc / (1 - auc))
+    assert [lo, hi] == pytest.approx([1 / (1 + np.exp(-(logit - half))),
+                                      1 / (1 + np.exp(-(logit + half)))], rel=1e-5)
+
+
+def test_bootstrap_tpr_interval_equals_resampling_by_hand():
+    rng = np.random.default_rng(2)
+    y = np.r_[np.ones(200), np.zeros(1000)].astype(int)
+    s = rng.normal(size=1200) + y
+    fast = bootstrap_tpr_at_fpr(y, s, 0.01, 20_000, seed=0)
+    pos, neg = s[y == 1], s[y == 0]
+    slow = [tpr_at_fpr(y, np.r_[rng.choice(pos, 200), rng.choice(neg, 1000)], 0.01)
+            for _ in range(2000)]
+    assert fast == pytest.approx(list(np.percentile(slow, [2.5, 97.5])), abs=0.011)
+
+
+def test_evaluate_intervals_and_resolution():
     rng = np.random.default_rng(1)
     y = np.r_[np.ones(300), np.zeros(300)].astype(int)
     s = rng.normal(size=600) + y
     r = evaluate(y, s, rng.normal(size=500), n_bootstrap=200, seed=0)
-    keys = {"auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy", "advantage"}
-    assert keys <= set(r) and keys <= set(r["ci95"])
+    for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "tpr_at_threshold", "achieved_fpr"):
+        assert k in r and k in r["ci95"] and k in r["ci_method"]
     lo, hi = r["ci95"]["auc"]
     assert lo < r["auc"] < hi and hi - lo < 0.15
+    # 300 non-members x 1 % = 3 expected false positives: too few for a valid interval
+    assert r["ci95"]["tpr@1%fpr"] is None and r["ci95"]["tpr@0.1%fpr"] is None
+    y2 = np.r_[np.ones(300), np.zeros(1000)].astype(int)
+    s2 = rng.normal(size=1300) + y2
+    r2 = evaluate(y2, s2, n_bootstrap=200, seed=0)
+    lo, hi = r2["ci95"]["tpr@1%fpr"]
+    assert lo <= r2["tpr@1%fpr"] <= hi and r2["ci95"]["tpr@0.1%fpr"] is None
     assert evaluate(y, s, n_bootstrap=50, seed=3) == evaluate(y, s, n_bootstrap=50, seed=3)
+
+
+def _coverage(rng, d, n_pos, n_neg, reps=300):
+    """Share of replicates whose 95 % intervals hold the true AUC, ROC TPR@1%FPR and rates."""
+    true_auc = norm.cdf(d / np.sqrt(2))
+    true_tpr = norm.sf(norm.isf(0.01) - d)
+    y = np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(int)
+    hits = {"auc": 0, "tpr@1%fpr": 0, "tpr_at_threshold": 0, "achieved_fpr": 0}
+    for r in range(reps):
+        s = np.r_[rng.normal(d, 1, n_pos), rng.normal(0, 1, n_neg)]
+        m = evaluate(y, s, rng.normal(size=500), n_bootstrap=300, seed=r)
+        t = m["threshold"]
+        truth = {"auc": true_auc, "tpr@1%fpr": true_tpr,
+                 "tpr_at_threshold": norm.sf(t - d), "achieved_fpr": norm.sf(t)}
+        for k, v in truth.items():
+            ci = m["ci95"][k]
+            hits[k] += ci is not None and ci[0] <= v <= ci[1]
+    return {k: h / reps for k, h in hits.items()}
+
+
+@pytest.mark.parametrize("d,n_pos,n_neg", [(1.4, 300, 1000), (0.5, 200, 2000)])
+def test_interval_coverage_by_simulation(d, n_pos, n_neg):
+    coverage = _coverage(np.random.default_rng(7), d, n_pos, n_neg)
+    assert min(coverage.values()) >= 0.93, coverage
 
 
 @pytest.mark.parametrize("bad", [[1, 1, 1], [0, 2, 1], [[0, 1]], [], [0.5, 1.0]])

@@ -3,12 +3,24 @@
 import csv
 import io
 import json
+import math
+import re
 
 import numpy as np
 import pytest
 
-from mmia.metrics import evaluate
-from mmia.report import chance_notes, shift_warnings, shifted_attacks, write_outputs
+from mmia.report import (
+    TOP_K,
+    above_chance,
+    chance_notes,
+    render_html,
+    shift_warnings,
+    shifted_attacks,
+    write_outputs,
+)
+
+ROC_HEADING = "ROC on the evaluation set (oracle thresholds)"
+DECISION_HEADING = "Calibrated decision (threshold from known non-members)"
 
 
 def _jpeg(color):
@@ -17,6 +29,38 @@ def _jpeg(color):
     buf = io.BytesIO()
     Image.new("RGB", (24, 16), color).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def _result(auc: float, auc_ci: list[float] | None, ci: dict | None = None, **fields) -> dict:
+    """A hand-built dict shaped like `mmia.metrics.evaluate`'s; `ci` overrides ci95 entries."""
+    r = {
+        "auc": auc, "tpr@1%fpr": 0.05, "tpr@0.1%fpr": 0.0125,
+        "threshold": 0.8123, "threshold_source": "known_nonmembers", "target_fpr": 0.01,
+        "n_calibration": 200, "tpr_at_threshold": 0.1, "achieved_fpr": 0.025,
+        "balanced_accuracy": 0.5375, "advantage": 0.075, "n_members": 40, "n_nonmembers": 40,
+        "ci95": {"auc": auc_ci, "tpr@1%fpr": None, "tpr@0.1%fpr": None,
+                 "tpr_at_threshold": [0.0279, 0.2366], "achieved_fpr": [0.0006, 0.1316]},
+        "ci_method": {"auc": "delong", "tpr@1%fpr": "bootstrap", "tpr@0.1%fpr": "bootstrap",
+                      "tpr_at_threshold": "clopper-pearson", "achieved_fpr": "clopper-pearson"},
+    }
+    r["ci95"].update(ci or {})
+    r.update(fields)
+    return r
+
+
+def _section(page: str, heading: str) -> str:
+    """The page from `<h2>heading</h2>` up to the next <h2>."""
+    start = page.index(f"<h2>{heading}</h2>")
+    end = page.find("<h2>", start + 1)
+    return page[start:end if end >= 0 else None]
+
+
+def _cells(page: str, heading: str, attack: str) -> list[str]:
+    """Tag-free text of each <td> in the attack's row of the table under `heading`."""
+    row = re.search(rf"<tr><th>{re.escape(attack)}</th>(.*?)</tr>", _section(page, heading), re.S)
+    assert row, f"no {attack} row under {heading}"
+    return [" ".join(re.sub(r"<[^>]+>", " ", td).split())
+            for td in re.findall(r"<td>(.*?)</td>", row.group(1), re.S)]
 
 
 @pytest.fixture
@@ -30,8 +74,12 @@ def audit():
         "blind": rng.normal(size=2 * n) + 2.0 * y,  # strong shift: should trigger warnings
     }
     scores["csa"][0] = 10.0  # the sample with the hostile caption is in the top 10
-    known = {"csa": rng.normal(size=50), "wsa": rng.uniform(size=50), "blind": None}
-    results = {k: evaluate(y, s, known[k], n_bootstrap=50) for k, s in scores.items()}
+    results = {
+        "csa": _result(0.66, [0.54, 0.77], ci={"tpr@1%fpr": [0.0, 0.15]}),
+        "wsa": _result(0.51, [0.38, 0.64]),
+        "blind": _result(0.95, [0.89, 0.98], ci={"achieved_fpr": None}, n_calibration=40,
+                         threshold_source="evaluation_nonmembers"),
+    }
     keys = [f"{i:09d}" for i in range(2 * n)]
     captions = [f"caption {i}" for i in range(2 * n)]
     captions[0] = '<script>alert("x")</script> & <b>'
@@ -55,18 +103,9 @@ def test_write_outputs_files_and_schema(tmp_path, audit):
     doc = json.loads(paths["metrics.json"].read_text())
     assert set(doc["attacks"]) == {"csa", "wsa", "blind"}
     for r in doc["attacks"].values():
-        for k in (
-            "auc",
-            "tpr@1%fpr",
-            "tpr@0.1%fpr",
-            "balanced_accuracy",
-            "advantage",
-            "n_members",
-            "n_nonmembers",
-            "ci95",
-        ):
-            assert k in r
+        assert r.keys() == _result(0.5, None).keys()
         assert len(r["ci95"]["auc"]) == 2
+    assert doc["attacks"]["blind"]["ci95"]["achieved_fpr"] is None
     assert doc["model"]["fingerprint"] == "abc123" and doc["data"]["members"]
     assert doc["command"].startswith("mmia")
 
@@ -80,6 +119,7 @@ def test_write_outputs_files_and_schema(tmp_path, audit):
 
     page = paths["report.html"].read_text()
     assert "http" not in page.lower().replace("http-equiv", "")
+    assert "<link" not in page and "<script" not in page  # self-contained
     assert 'src="data:image/png;base64,' in page and 'src="data:image/jpeg;base64,' in page
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "distribution shift" in page and 'class="warn"' in page
@@ -109,14 +149,66 @@ def test_chance_notes_name_attacks_whose_interval_holds_one_half():
     notes = chance_notes(results)
     assert [n.split(":")[0] for n in notes] == ["wsa", "blind"]
     assert "[0.453, 0.545]" in notes[0] and "no member/non-member distribution shift" in notes[1]
+    # without a valid AUC interval (None), fall back to the margin and say there is none
+    assert above_chance({"auc": 0.60, "ci95": {"auc": None}})
+    no_ci = {"wsa": {"auc": 0.51, "ci95": {"auc": None}}}
+    assert not above_chance(no_ci["wsa"])
+    assert chance_notes(no_ci) == ["wsa: AUC 0.510 (no valid interval) is not distinguishable "
+                                   "from chance (0.5): this attack finds no membership signal "
+                                   "here."]
 
 
-def test_write_outputs_without_samples(tmp_path, audit):
-    y, scores, results, keys, _, prov = audit
-    paths = write_outputs(tmp_path, results, scores, y, keys, prov)
-    assert "<img" in paths["report.html"].read_text()
+def test_thumbnails_only_with_samples(tmp_path, audit):
+    y, scores, results, keys, samples, prov = audit
+    page = write_outputs(tmp_path, results, scores, y, keys, prov)["report.html"].read_text()
+    assert "data:image/jpeg" not in page and 'src="data:image/png;base64,' in page
+    page = write_outputs(tmp_path, results, scores, y, keys, prov, samples)["report.html"]
+    assert page.read_text().count('src="data:image/jpeg;base64,') == TOP_K * len(scores)
     with pytest.raises(ValueError):
         write_outputs(tmp_path, results, scores, y, keys[:-1], prov)
+
+
+@pytest.fixture
+def page(audit) -> str:
+    y, scores, results, keys, samples, prov = audit
+    return render_html(results, scores, y, keys, prov, samples, roc_png=b"")
+
+
+def test_roc_and_decision_tables_are_separate(page):
+    roc, decision = _section(page, ROC_HEADING), _section(page, DECISION_HEADING)
+    assert page.index(ROC_HEADING) < page.index(DECISION_HEADING)
+    assert re.findall(r"<th>([^<]*)</th>", roc)[:4] == ["attack", "AUC", "TPR@1%FPR",
+                                                        "TPR@0.1%FPR"]
+    assert re.findall(r"<th>([^<]*)</th>", decision)[:9] == [
+        "attack", "target FPR", "threshold", "threshold source", "n_calibration",
+        "TPR at threshold", "achieved FPR", "balanced accuracy", "members / non-members"]
+    assert "TPR at threshold" not in roc and "<th>AUC</th>" not in decision
+    # each table says which interval method its brackets use, read from ci_method
+    assert "AUC: DeLong" in roc and "TPR@1%FPR: stratified bootstrap" in roc
+    assert "TPR at threshold: exact Clopper-Pearson" in decision and "DeLong" not in decision
+
+
+def test_intervals_render_numbers_or_no_valid_interval(page):
+    assert _cells(page, ROC_HEADING, "csa") == [
+        "0.6600 [0.5400, 0.7700]", "0.0500 [0.0000, 0.1500]", "0.0125 no valid interval"]
+    assert _cells(page, DECISION_HEADING, "blind") == [
+        "0.0100", "0.8123", "evaluation_nonmembers", "40", "0.1000 [0.0279, 0.2366]",
+        "0.0250 no valid interval", "0.5375", "40 / 40"]
+    assert "n/a, n/a" not in page and "None" not in page
+
+
+def test_missing_keys_and_infinite_threshold(audit):
+    y, scores, _, keys, _, prov = audit
+    results = {"csa": {"auc": 0.7}, "wsa": _result(0.6, None, threshold=math.inf,
+                                                     n_calibration=50)}
+    page = render_html(results, {"csa": scores["csa"], "wsa": scores["wsa"]}, y, keys, prov,
+                       None, roc_png=b"")
+    assert _cells(page, ROC_HEADING, "csa") == ["0.7000 interval n/a", "n/a interval n/a",
+                                                "n/a interval n/a"]
+    assert _cells(page, DECISION_HEADING, "csa")[-1] == "n/a / n/a"
+    assert _cells(page, ROC_HEADING, "wsa")[0] == "0.6000 no valid interval"
+    assert _cells(page, DECISION_HEADING, "wsa")[1] == "+inf"
+    assert "wsa: threshold +inf: 50 calibration non-members cannot certify a 1.0% FPR" in page
 
 
 def test_resolution_notes_flag_low_fprs_the_set_cannot_resolve(tmp_path, audit):

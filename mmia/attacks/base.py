@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from mmia.errors import MmiaError
 
@@ -69,15 +70,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-12)
 
 
-class Attack:
-    """Base class: parameters in __init__, `fit` sets trailing-underscore state, `score` ranks.
+class Attack(BaseEstimator):
+    """Base class (scikit-learn contract): parameters in __init__, `fit` validates its inputs
+    and sets trailing-underscore state, `score` ranks (higher = more likely member).
 
     `requires` names the inputs the attack needs: "known_nonmembers", "pool" (fit arguments)
     and "views", "image_bytes" (fields of the Features passed to `score`).
+    `learns_from_known_nonmembers`: the audit must then calibrate its threshold on known
+    non-members held out of `fit` (scores of its own training negatives are biased low).
     """
 
     name: ClassVar[str] = "attack"
     requires: ClassVar[tuple[str, ...]] = ()
+    learns_from_known_nonmembers: ClassVar[bool] = False
 
     def fit(self, known_nonmembers: Features | None = None, pool: Features | None = None) -> Attack:
         """Learn whatever the attack needs; the default needs nothing."""
@@ -88,23 +93,13 @@ class Attack:
         """Return (n,) scores, higher = more likely member."""
         raise NotImplementedError
 
-    def get_params(self) -> dict:
-        """Constructor parameters (for provenance)."""
-        return {
-            k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")
-        }
-
     def _check_fit_inputs(self, known_nonmembers: Features | None, pool: Features | None) -> None:
         given = {"known_nonmembers": known_nonmembers, "pool": pool}
         for req in self.requires:
-            if req in given and given[req] is None:
+            if req in given and (given[req] is None or len(given[req]) == 0):
                 raise MissingInput(f"attack {self.name!r} requires {req!r} in fit()")
 
     def _check_score_inputs(self, features: Features) -> None:
         for req in self.requires:
             if req in ("views", "image_bytes") and getattr(features, req) is None:
                 raise MissingInput(f"attack {self.name!r} requires Features.{req} to score")
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"

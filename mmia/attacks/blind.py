@@ -10,6 +10,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from sklearn.compose import ColumnTransformer
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from mmia.attacks.base import Attack, Features, MissingInput
 from mmia.metrics import check_labels
@@ -41,8 +48,21 @@ def image_stats(data: bytes | None) -> np.ndarray:
     return out
 
 
+def blind_design(features: Features, use_images: bool = True) -> np.ndarray:
+    """(n, 1 [+ N_IMAGE_STATS]) object array: the caption, then the image statistics."""
+    captions = np.asarray(list(features.captions), dtype=object)[:, None]
+    if not use_images or features.image_bytes is None:
+        return captions
+    image = np.stack([image_stats(b) for b in features.image_bytes]).astype(object)
+    return np.concatenate([captions, image], axis=1)
+
+
 class Blind(Attack):
-    """Captions + image statistics -> logistic regression; scored out-of-fold."""
+    """Captions + image statistics -> logistic regression; scored out-of-fold.
+
+    One scikit-learn `Pipeline`: TF-IDF of caption word 1-2 grams beside standardised image
+    statistics, then a class-balanced logistic regression.
+    """
 
     name = "blind"
     requires = ("labels",)
@@ -52,35 +72,16 @@ class Blind(Attack):
         self.C = C
         self.use_images = use_images
 
-    def _stats(self, features: Features) -> np.ndarray | None:
-        if not self.use_images or features.image_bytes is None:
-            return None
-        return np.stack([image_stats(b) for b in features.image_bytes])
-
-    def _fit_fold(self, captions: list[str], stats: np.ndarray | None, y: np.ndarray):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
-        tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
-        scaler = StandardScaler() if stats is not None else None
-        x = self._design(captions, stats, tfidf, scaler, fit=True)
-        clf = LogisticRegression(C=self.C, max_iter=2000, class_weight="balanced").fit(x, y)
-        return tfidf, scaler, clf
-
-    @staticmethod
-    def _design(captions, stats, tfidf, scaler, fit: bool):
-        from scipy import sparse
-
-        # An all-empty vocabulary is possible on degenerate folds; fall back to a constant column.
-        try:
-            text = tfidf.fit_transform(captions) if fit else tfidf.transform(captions)
-        except ValueError:
-            text = sparse.csr_matrix(np.zeros((len(captions), 1)))
-        if stats is None:
-            return text.tocsr()
-        s = scaler.fit_transform(stats) if fit else scaler.transform(stats)
-        return sparse.hstack([text, sparse.csr_matrix(s)]).tocsr()
+    def make_pipeline(self, n_columns: int) -> Pipeline:
+        """The unfitted model for a design matrix of `n_columns` (see `blind_design`)."""
+        parts = [("caption", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True,
+                                             token_pattern=r"(?u)\b\w+\b"), 0)]
+        if n_columns > 1:
+            parts.append(("image", StandardScaler(), list(range(1, n_columns))))
+        return Pipeline([
+            ("features", ColumnTransformer(parts)),
+            ("classifier", LogisticRegression(C=self.C, max_iter=2000, class_weight="balanced")),
+        ])
 
     def fit(self, known_nonmembers: Features | None = None, pool: Features | None = None) -> Blind:
         raise MissingInput(
@@ -91,34 +92,25 @@ class Blind(Attack):
     def fit_labeled(self, features: Features, labels: np.ndarray) -> Blind:
         """Fit on labelled samples (for scoring a different, held-out set)."""
         y = check_labels(labels)
-        self.model_ = self._fit_fold(list(features.captions), self._stats(features), y)
+        x = blind_design(features, self.use_images)
+        self.model_ = self.make_pipeline(x.shape[1]).fit(x, y)
         return self
 
     def score(self, features: Features) -> np.ndarray:
-        if not hasattr(self, "model_"):
-            raise MissingInput("Blind.score needs fit_labeled first; see cross_val_scores")
-        tfidf, scaler, clf = self.model_
-        x = self._design(list(features.captions), self._stats(features), tfidf, scaler, False)
-        return clf.predict_proba(x)[:, 1]
+        check_is_fitted(self, "model_")
+        return self.model_.predict_proba(blind_design(features, self.use_images))[:, 1]
 
     def cross_val_scores(self, features: Features, labels: np.ndarray, seed: int = 0) -> np.ndarray:
         """Out-of-fold member probabilities from stratified k-fold on the evaluation set."""
-        from sklearn.model_selection import StratifiedKFold
-
         y = check_labels(labels)
         if len(y) != len(features):
             raise ValueError("labels and features differ in length")
         k = min(self.n_splits, int(np.bincount(y).min()))
         if k < 2:
-            raise ValueError("blind baseline needs at least 2 members and 2 non-members")
-        captions = np.asarray(list(features.captions), dtype=object)
-        stats = self._stats(features)
-        out = np.full(len(y), np.nan)
+            raise MissingInput(
+                "the blind baseline needs at least 2 members and 2 non-members to "
+                f"cross-validate (got {int(y.sum())} and {int((y == 0).sum())})")
+        x = blind_design(features, self.use_images)
         folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-        for tr, te in folds.split(np.zeros(len(y)), y):
-            st_tr = None if stats is None else stats[tr]
-            st_te = None if stats is None else stats[te]
-            tfidf, scaler, clf = self._fit_fold(list(captions[tr]), st_tr, y[tr])
-            x = self._design(list(captions[te]), st_te, tfidf, scaler, False)
-            out[te] = clf.predict_proba(x)[:, 1]
-        return out
+        return cross_val_predict(self.make_pipeline(x.shape[1]), x, y, cv=folds,
+                                 method="predict_proba")[:, 1]
