@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         print("mmia: interrupted (the cache keeps every committed segment; rerun to resume)",
               file=sys.stderr)
         return 130
+    except ImportError as exc:  # a broken install: say which module, never hide the command
+        print(f"mmia: error: cannot import {exc.name or 'a dependency'} ({exc}): the "
+              "installation is broken; reinstall mmia and its dependencies", file=sys.stderr)
+        return 1
     except PermissionError as exc:
         print(f"mmia: error: no permission to write {exc.filename!r}: choose a writable folder",
               file=sys.stderr)

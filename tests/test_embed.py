@@ -120,3 +120,22 @@ def test_decompression_bomb_is_refused():
     Image.new("1", (20000, 20000)).save(buf, format="PNG")
     with pytest.raises(Image.DecompressionBombError):
         decode_image(buf.getvalue())
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_workers_start_under_spawn_and_forkserver(tmp_path, tiny_model, start_method):
+    """macOS starts workers with spawn and Python 3.14 with forkserver: everything the
+    worker gets (stream, preprocessing, collate function) must pickle."""
+    pattern = write_good_shards(tmp_path, 1, 3)
+    result = embed_shards(tiny_model, [pattern], str(tmp_path / "c"), views=1, batch_size=4,
+                          workers=1, progress=False, mp_context=start_method)
+    assert result.embedded == 3 and not result.skips
+
+
+def test_progress_callback_sees_every_sample(tmp_path, tiny_model, capsys):
+    pattern = write_good_shards(tmp_path, 2, 3)
+    calls = []
+    embed_shards(tiny_model, [pattern], str(tmp_path / "c"), batch_size=4, workers=0,
+                 progress=lambda done, counts: calls.append((done, dict(counts))))
+    assert sum(done for done, _ in calls) == 6 and calls[-1][1]["new"] == 6
+    assert capsys.readouterr().err == ""  # a callback replaces the bar: nothing printed
