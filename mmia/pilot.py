@@ -28,6 +28,12 @@ PROTOCOLS = {
 }
 PILOT_WSA_LAMBDA = 0.5
 log = logging.getLogger(__name__)
+REPRODUCIBILITY = (
+    "reproducibility: every row is seeded and repeats exactly on one machine; csa and aea are "
+    "plain functions of the cached features, while wsa (an MLP trained by Adam) and blind "
+    "(logistic regression) fit classifiers, on one BLAS thread: on a CPU whose BLAS kernels "
+    "round differently their last digits may move (seen: post-release wsa AUC 0.980 vs 0.986), "
+    "and all rows may if the target's CPU training rounds differently")
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ def run_pilot(root: str, out: str, settings: PilotSettings | None = None,
                 f"as pseudo-members, precision {'n/a' if prec is None else f'{prec:.2f}'}")
         extra += [f"{protocol}: {note}" for note in result.notes]
         extra += [f"{protocol}: {line}" for line in console_notes(result.metrics)]
-    lines = [format_table(rows), "", *extra,
+    lines = [format_table(rows), "", *extra, REPRODUCIBILITY,
              f"world+target ready in {built:.0f} s; total {time.perf_counter() - start:.0f} s "
              f"({platform.machine()}, {os.cpu_count()} cores); "
              f"reports in {out}/<protocol>/report.html"]

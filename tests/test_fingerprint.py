@@ -1,6 +1,7 @@
 """The model fingerprint: built from plain values, the same in every process."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -80,3 +81,33 @@ def test_fingerprint_follows_precision(tmp_path, checkpoint):
     prints = {p: load_model("mmia-fp-tiny", checkpoint, config, device="cpu",
                             precision=p).fingerprint for p in ("fp32", "bf16", "amp")}
     assert len(set(prints.values())) == 3, prints
+
+
+def test_a_second_process_reuses_the_cache_without_a_forward_pass(tmp_path, checkpoint):
+    """`mmia embed` twice, in two processes: one fingerprint, and the second embeds nothing."""
+    from shardgen import write_good_shards
+
+    config = _config(tmp_path / "mmia-fp-cli.json")
+    shards = write_good_shards(tmp_path, 1, 4)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "mmia", "embed", "--model", "mmia-fp-cli", "--model-config",
+             config, "--pretrained", checkpoint, "--shards", shards, "--cache",
+             str(tmp_path / "cache"), "--device", "cpu", "--workers", "0", "--no-progress"],
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs.append(done)
+    fingerprints = [re.search(r"fingerprint (\w+)", r.stderr).group(1) for r in runs]
+    assert fingerprints[0] == fingerprints[1]
+    assert "4 embedded now" in runs[0].stdout
+    assert "no forward pass was made" in runs[1].stdout and "0 embedded now" in runs[1].stdout
+
+
+def test_quick_gelu_flags_reach_the_loader():
+    from mmia.cli import build_parser
+
+    base = ["embed", "--model", "ViT-B-32", "--shards", "a.tar", "--cache", "c"]
+    assert build_parser().parse_args(base).quick_gelu is None
+    assert build_parser().parse_args([*base, "--quick-gelu"]).quick_gelu is True
+    assert build_parser().parse_args([*base, "--no-quick-gelu"]).quick_gelu is False

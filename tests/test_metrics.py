@@ -71,10 +71,11 @@ def test_threshold_is_tie_safe_and_lowest_valid():
 
 def test_calibrated_threshold_holds_its_fpr_on_fresh_nonmembers():
     rng = np.random.default_rng(5)
-    fprs = [np.mean(rng.normal(size=20_000) >= threshold_at_fpr(rng.normal(size=299), 0.01))
+    fprs = [np.mean(rng.normal(size=20_000) >= threshold_at_fpr(rng.normal(size=250), 0.01))
             for _ in range(300)]
-    # expected (1 + 2) / 300 = 0.01 exactly; the old rank rule gave (1 + 2) / 300 + 1/300
-    assert abs(np.mean(fprs) - 0.01) < 0.0012
+    # conformal: k = 1 known above t, expected FPR (1 + 1) / 251 = 0.008 <= 1 %; the rank rule
+    # k = floor(0.01 * 250) = 2 gave (2 + 1) / 251 = 0.012 > 1 %
+    assert abs(np.mean(fprs) - 2 / 251) < 0.001 and np.mean(fprs) <= 0.01
 
 
 def test_evaluate_threshold_metrics_and_achieved_fpr():
