@@ -7,6 +7,7 @@ beside the attacks. `run_audit` returns an `AuditResult` and neither prints nor 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -115,6 +116,7 @@ def features_of(records: list[SampleRecord], cache: EmbeddingCache, views: int) 
     )
 
 
+@functools.lru_cache(maxsize=65536)
 def _shard_identity(url: str) -> str:
     return url if not url or is_remote(url) else os.path.realpath(local_path(url))
 
@@ -135,40 +137,35 @@ def _overlap(a: list[SampleRecord], b: list[SampleRecord]) -> list[tuple[str, st
     return found
 
 
-# (role, other role, fatal?, why) for every pair of roles
+# (role, other role, why the overlap is an error) for every pair of roles
 ROLE_PAIRS = (
-    ("nonmembers", "members", True,
+    ("nonmembers", "members",
      "a sample cannot be both a member and a non-member: de-duplicate the two sets"),
-    ("known_nonmembers", "members", True,
+    ("known_nonmembers", "members",
      "known non-members that are members would bias the calibration: "
      "remove them from --known-nonmembers"),
-    ("known_nonmembers", "nonmembers", True,
+    ("known_nonmembers", "nonmembers",
      "evaluation samples would leak into the attacks' fitting and calibration: "
      "remove them from --known-nonmembers"),
-    ("pool", "members", True,
+    ("pool", "members",
      "evaluation samples would leak into WSA's training: remove them from --pool"),
-    ("pool", "nonmembers", True,
+    ("pool", "nonmembers",
      "evaluation samples would leak into WSA's training: remove them from --pool"),
-    ("pool", "known_nonmembers", False,
-     "WSA sees them both as known non-members and as pool candidates"),
+    ("pool", "known_nonmembers",
+     "WSA could train on the known non-members it is calibrated on: remove them from --pool"),
 )
 
 
-def check_roles_disjoint(records: dict[str, list[SampleRecord]]) -> list[str]:
-    """Raise MmiaError (count and an example) on an overlap that puts a sample on both sides
-    or leaks evaluation data into fitting or calibration; notes for the harmless ones."""
-    notes = []
-    for role, other, fatal, why in ROLE_PAIRS:
+def check_roles_disjoint(records: dict[str, list[SampleRecord]]) -> None:
+    """Raise MmiaError (one line: count and an example) when two roles share a sample, by
+    shard file and key or by content."""
+    for role, other, why in ROLE_PAIRS:
         found = _overlap(records.get(role, []), records.get(other, []))
-        if not found:
-            continue
-        key, other_key, how = found[0]
-        text = (f"{len(found)} sample(s) of the {ROLE_NAMES[role]} are also "
-                f"{ROLE_NAMES[other]} (e.g. {key!r} has {how} as {other_key!r}): {why}")
-        if fatal:
-            raise MmiaError(text)
-        notes.append(text)
-    return notes
+        if found:
+            key, other_key, how = found[0]
+            raise MmiaError(
+                f"{len(found)} sample(s) of the {ROLE_NAMES[role]} are also {ROLE_NAMES[other]} "
+                f"(e.g. {key!r} has {how} as {other_key!r}): {why}")
 
 
 def check_disjoint(members: list[SampleRecord], nonmembers: list[SampleRecord]) -> None:
@@ -232,6 +229,8 @@ def attack_metrics(run: AttackRun, cfg: AuditConfig, labels: np.ndarray) -> dict
     m = evaluate(labels, run.scores, run.calibration_scores, target_fpr=cfg.target_fpr,
                  n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
     m["n_known_nonmembers_fit"] = run.n_fit_known_nonmembers
+    if run.calibration_scores is not None:  # all known non-members: fitted on + calibrated on
+        m["n_known_nonmembers"] = run.n_fit_known_nonmembers + len(run.calibration_scores)
     attack = run.attack
     if attack.name == "wsa":
         m.update(n_pseudo_members=int(attack.n_pseudo_members_),
@@ -259,7 +258,7 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
         which = "members" if not members else "non-members"
         raise MmiaError(f"no usable {which} in the evaluation set: check the shard patterns "
                         "and the skip counts above")
-    notes = check_roles_disjoint({role: r.records for role, r in embedded.items()})
+    check_roles_disjoint({role: r.records for role, r in embedded.items()})
     cache = EmbeddingCache(cfg.cache, loaded.fingerprint)
     records = members + nonmembers
     labels = np.array([1] * len(members) + [0] * len(nonmembers))
@@ -270,7 +269,7 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
     have = {"known_nonmembers": feats["known_nonmembers"] is not None,
             "pool": feats["pool"] is not None, "views": views > 0}
     skipped = skipped_attacks(cfg, have)
-    notes += [f"attack {name} skipped: it {why}" for name, why in skipped.items()]
+    notes = [f"attack {name} skipped: it {why}" for name, why in skipped.items()]
     metrics: dict[str, dict] = {}
     scores: dict[str, np.ndarray] = {}
     pseudo_keys: list[str] = []

@@ -13,13 +13,9 @@ import os
 import shlex
 import sys
 
-from mmia.attacks import ATTACKS
-from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
 from mmia.errors import MmiaError
-from mmia.pilot import PILOT_WSA_LAMBDA
 
-ROLES = ("members", "nonmembers", "known_nonmembers", "pool")
-ALL_ATTACKS = ",".join(ATTACKS)
+DEFAULT_ATTACKS = "csa,aea,wsa,blind"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,13 +43,17 @@ def add_embed_parser(sub) -> None:
 
 
 def add_audit_parser(sub) -> None:
+    from mmia.attacks import ATTACKS
+    from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
+    from mmia.audit import ROLES
+
     p = sub.add_parser("audit", help="run membership-inference attacks and write a report")
     add_model_args(p)
     for role in ROLES:
         p.add_argument("--" + role.replace("_", "-"), dest=role, nargs="+", action="extend",
                        required=role in ("members", "nonmembers"),
                        help=f"shard patterns of the {role.replace('_', ' ')} (may repeat)")
-    p.add_argument("--attacks", default="csa,aea,wsa,blind", help=f"from {ALL_ATTACKS}")
+    p.add_argument("--attacks", default=DEFAULT_ATTACKS, help=f"from {','.join(ATTACKS)}")
     p.add_argument("--cache", default=".mmia/cache")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -71,13 +71,14 @@ def add_audit_parser(sub) -> None:
 
 
 def add_pilot_parser(sub) -> None:
+    from mmia.pilot import PILOT_WSA_LAMBDA
     from mmia.world import TrainConfig, WorldConfig
 
     world, train = WorldConfig(), TrainConfig()
     p = sub.add_parser("pilot", help="run the default study on the synthetic pilot world")
     p.add_argument("--root", default=".mmia/pilot", help="where the world, models, cache live")
     p.add_argument("--out", default="mmia-out/pilot")
-    p.add_argument("--attacks", default="csa,aea,wsa,blind")
+    p.add_argument("--attacks", default=DEFAULT_ATTACKS)
     p.add_argument("--views", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="attack and bootstrap seed")
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -147,7 +148,7 @@ def cli_embed(args: argparse.Namespace) -> int:
 
 
 def cli_audit(args: argparse.Namespace) -> int:
-    from mmia.audit import AuditConfig, format_table, parse_attacks, run_audit
+    from mmia.audit import ROLES, AuditConfig, format_table, parse_attacks, run_audit
     from mmia.report import console_notes
     from mmia.shards import expand_patterns
 
@@ -196,12 +197,11 @@ def cli_pilot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    args.command_line = "mmia " + " ".join(shlex.quote(a) for a in argv)  # for provenance
     _log_to_stderr()
-    try:
+    try:  # building the parser imports the attacks: a broken install must be named, too
+        args = build_parser().parse_args(argv)
+        args.command_line = "mmia " + " ".join(shlex.quote(a) for a in argv)  # for provenance
         return args.func(args)
     except MmiaError as exc:
         print(f"mmia: error: {exc}", file=sys.stderr)

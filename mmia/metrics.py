@@ -20,8 +20,9 @@ from scipy import stats
 LOW_FPRS = {"tpr@1%fpr": 0.01, "tpr@0.1%fpr": 0.001}
 LEVEL = 0.95
 # a bootstrap interval for TPR at FPR f needs about this many evaluation non-members above the
-# threshold (n_nonmembers * f); below it the percentile bootstrap under-covers (tests/test_metrics)
-MIN_FALSE_POSITIVES = 10
+# threshold (n_nonmembers * f); below it the percentile bootstrap under-covers: the ROC point
+# sits at FPR (k + 1) / (n + 1), not f, a bias the bootstrap keeps (tests/test_metrics)
+MIN_FALSE_POSITIVES = 20
 
 
 def check_labels(labels: np.ndarray) -> np.ndarray:
@@ -219,7 +220,15 @@ def evaluate(
     )
     ci["tpr_at_threshold"] = clopper_pearson(flagged_pos, n_pos)
     ci["achieved_fpr"] = clopper_pearson(flagged_neg, n_neg) if known is not None else None
-    method.update(tpr_at_threshold="clopper-pearson", achieved_fpr="clopper-pearson")
+    ci["advantage"] = ci["balanced_accuracy"] = None
+    if known is not None:  # TPR and FPR are independent: both 97.5 % intervals hold at 95 %
+        t_lo, t_hi = clopper_pearson(flagged_pos, n_pos, 1 - (1 - LEVEL) / 2)
+        f_lo, f_hi = clopper_pearson(flagged_neg, n_neg, 1 - (1 - LEVEL) / 2)
+        ci["advantage"] = [t_lo - f_hi, t_hi - f_lo]
+        ci["balanced_accuracy"] = [(1 + t_lo - f_hi) / 2, (1 + t_hi - f_lo) / 2]
+    method.update(tpr_at_threshold="clopper-pearson", achieved_fpr="clopper-pearson",
+                  advantage="clopper-pearson-bonferroni",
+                  balanced_accuracy="clopper-pearson-bonferroni")
     res["ci95"] = ci
     res["ci_method"] = method
     return res

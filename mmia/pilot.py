@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 REPRODUCIBILITY = (
     "reproducibility: every row is seeded and repeats exactly on one machine; csa and aea are "
     "plain functions of the cached features, while wsa (an MLP trained by Adam) and blind "
-    "(logistic regression) fit classifiers, on one BLAS thread: on a CPU whose BLAS kernels "
-    "round differently their last digits may move (seen: post-release wsa AUC 0.980 vs 0.986), "
-    "and all rows may if the target's CPU training rounds differently")
+    "(logistic regression) fit classifiers on one BLAS thread: on a CPU whose BLAS kernels round "
+    "differently, their last digits may move, and every row may if the target's CPU training "
+    "rounds differently")
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,8 @@ def resolution_notes(results: Mapping[str, Mapping]) -> list[str]:
 
 
 def console_notes(results: Mapping[str, Mapping]) -> list[str]:
-    """What a terminal summary must say beside the table: shift, chance, resolution."""
+    """What a terminal summary must say beside the table: shift, chance, resolution, and
+    thresholds too few calibration scores could set."""
     lines = []
     shifted = shifted_attacks(results)
     if shifted:
@@ -221,7 +222,7 @@ def console_notes(results: Mapping[str, Mapping]) -> list[str]:
             "these AUCs do not measure memorisation alone")
     elif BLIND not in results:
         lines += shift_warnings(results)
-    return lines + chance_notes(results) + resolution_notes(results)
+    return lines + chance_notes(results) + resolution_notes(results) + threshold_notes(results)
 
 
 def _fmt(v) -> str:
@@ -235,7 +236,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _threshold_notes(results: Mapping[str, Mapping]) -> list[str]:
+def threshold_notes(results: Mapping[str, Mapping]) -> list[str]:
     """Explain an infinite threshold: too few calibration scores for the target FPR."""
     notes = []
     for name, r in results.items():
@@ -319,7 +320,7 @@ def render_html(results, scores_by_attack, labels, keys, provenance, samples, ro
     arrays = {n: np.asarray(s, float) for n, s in scores_by_attack.items()}
     return _template().render(
         warnings=shift_warnings(results),
-        notes=chance_notes(results) + resolution_notes(results) + _threshold_notes(results),
+        notes=chance_notes(results) + resolution_notes(results) + threshold_notes(results),
         no_interval=NO_INTERVAL,
         roc_table=_table(results, ROC_COLUMNS),
         decision_table=_table(results, DECISION_COLUMNS),
@@ -359,6 +360,7 @@ def write_outputs(
     doc["shift_warnings"] = shift_warnings(results)
     doc["resolution_notes"] = resolution_notes(results)
     doc["chance_notes"] = chance_notes(results)
+    doc["threshold_notes"] = threshold_notes(results)
     paths["metrics.json"].write_text(json.dumps(doc, indent=2, allow_nan=False))
 
     with paths["scores.csv"].open("w", newline="") as f:

@@ -95,26 +95,21 @@ def _record(key: str, content: int) -> SampleRecord:
 
 @pytest.mark.parametrize("role,other,words", [
     ("pool", "members", "--pool"), ("pool", "nonmembers", "--pool"),
+    ("pool", "known_nonmembers", "--pool"),
     ("known_nonmembers", "members", "--known-nonmembers"),
     ("known_nonmembers", "nonmembers", "--known-nonmembers")])
-def test_overlap_leaking_evaluation_data_is_an_error(role, other, words):
+def test_overlapping_roles_are_an_error(role, other, words):
+    roles = ("members", "nonmembers", "known_nonmembers", "pool")
     records = {r: [_record(f"{r}/{i}", 100 * n + i) for i in range(5)]
-               for n, r in enumerate(("members", "nonmembers", "known_nonmembers", "pool"))}
-    assert check_roles_disjoint(records) == []
-    records[role] += [_record("x/1", 100 * ("members", "nonmembers").index(other) + 3),
-                      _record("x/2", 100 * ("members", "nonmembers").index(other) + 4)]
+               for n, r in enumerate(roles)}
+    check_roles_disjoint(records)  # disjoint: passes
+    records[role] += [_record("x/1", 100 * roles.index(other) + 3),
+                      _record("x/2", 100 * roles.index(other) + 4)]
     with pytest.raises(MmiaError) as err:
         check_roles_disjoint(records)
     text = str(err.value)
     assert text.startswith("2 sample(s)") and words in text and "\n" not in text
     assert "e.g. 'x/1' has the same image and caption as" in text
-
-
-def test_pool_sharing_known_nonmembers_is_a_note():
-    records = {"members": [_record("m/1", 1)], "nonmembers": [_record("n/1", 2)],
-               "known_nonmembers": [_record("k/1", 3)], "pool": [_record("p/1", 3)]}
-    notes = check_roles_disjoint(records)
-    assert len(notes) == 1 and "1 sample(s) of the pool are also known non-members" in notes[0]
 
 
 def test_overlapping_pool_stops_the_audit_with_one_line(tmp_path, tiny_config, capsys):
@@ -176,8 +171,9 @@ def test_wsa_is_calibrated_on_known_nonmembers_it_did_not_train_on():
 
 def test_wsa_threshold_holds_its_fpr_when_nobody_is_a_member():
     """Non-members against non-members: WSA overfits its training negatives, so a threshold
-    set on them overshoots (12 seeds: mean achieved FPR 0.016); held out, it stays within the
-    binomial interval of the 1 % target."""
+    set on them overshoots (12 seeds: mean achieved FPR 0.028 with the old rank threshold,
+    0.016 with the conformal one); held out (0.006), it stays within the binomial interval of
+    the 1 % target."""
     from scipy.stats import binomtest
 
     flagged, total = 0, 0

@@ -121,3 +121,16 @@ def test_a_broken_dependency_is_named_not_hidden_as_an_unknown_command(monkeypat
     err = capsys.readouterr().err
     assert rc == 1 and "invalid choice" not in err and "Traceback" not in err
     assert "mmia: error: cannot import mmia.audit" in err
+
+
+def test_a_dependency_broken_at_startup_is_one_line_too():
+    """Blocked before mmia.cli is even imported: `mmia embed --help` still says what broke."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sklearn'] = None; import mmia.cli; "
+            "sys.exit(mmia.cli.main(['embed', '--help']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "mmia: error: cannot import sklearn" in done.stderr

@@ -99,6 +99,10 @@ def test_evaluate_threshold_metrics_and_achieved_fpr():
     assert r["ci95"]["achieved_fpr"] == pytest.approx([beta.ppf(0.025, 1, 4),
                                                       beta.ppf(0.975, 2, 3)])
     assert r["ci_method"]["achieved_fpr"] == "clopper-pearson"
+    # advantage TPR - FPR: both rates' 97.5 % intervals, combined (Bonferroni)
+    t_lo, f_hi = beta.ppf(0.0125, 3, 2), beta.ppf(0.9875, 2, 3)
+    assert r["ci95"]["advantage"][0] == pytest.approx(t_lo - f_hi)
+    assert r["ci95"]["balanced_accuracy"][0] == pytest.approx((1 + t_lo - f_hi) / 2)
     r2 = evaluate(y, s, None, target_fpr=0.2, n_bootstrap=0)
     assert r2["threshold_source"] == "evaluation_nonmembers"
     assert r2["ci95"]["achieved_fpr"] is None  # calibrated on itself: no honest interval
@@ -134,41 +138,46 @@ def test_evaluate_intervals_and_resolution():
     y = np.r_[np.ones(300), np.zeros(300)].astype(int)
     s = rng.normal(size=600) + y
     r = evaluate(y, s, rng.normal(size=500), n_bootstrap=200, seed=0)
-    for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "tpr_at_threshold", "achieved_fpr"):
+    for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "tpr_at_threshold", "achieved_fpr",
+              "balanced_accuracy", "advantage"):
         assert k in r and k in r["ci95"] and k in r["ci_method"]
     lo, hi = r["ci95"]["auc"]
     assert lo < r["auc"] < hi and hi - lo < 0.15
     # 300 non-members x 1 % = 3 expected false positives: too few for a valid interval
     assert r["ci95"]["tpr@1%fpr"] is None and r["ci95"]["tpr@0.1%fpr"] is None
-    y2 = np.r_[np.ones(300), np.zeros(1000)].astype(int)
-    s2 = rng.normal(size=1300) + y2
+    y2 = np.r_[np.ones(300), np.zeros(2000)].astype(int)
+    s2 = rng.normal(size=2300) + y2
     r2 = evaluate(y2, s2, n_bootstrap=200, seed=0)
     lo, hi = r2["ci95"]["tpr@1%fpr"]
     assert lo <= r2["tpr@1%fpr"] <= hi and r2["ci95"]["tpr@0.1%fpr"] is None
     assert evaluate(y, s, n_bootstrap=50, seed=3) == evaluate(y, s, n_bootstrap=50, seed=3)
 
 
-def _coverage(rng, d, n_pos, n_neg, reps=300):
-    """Share of replicates whose 95 % intervals hold the true AUC, ROC TPR@1%FPR and rates."""
+def _coverage(rng, d, n_pos, n_neg, reps=600):
+    """Share of replicates whose 95 % intervals hold the truth, per metric that has one."""
     true_auc = norm.cdf(d / np.sqrt(2))
     true_tpr = norm.sf(norm.isf(0.01) - d)
     y = np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(int)
-    hits = {"auc": 0, "tpr@1%fpr": 0, "tpr_at_threshold": 0, "achieved_fpr": 0}
+    hits, given = {}, {}
     for r in range(reps):
         s = np.r_[rng.normal(d, 1, n_pos), rng.normal(0, 1, n_neg)]
-        m = evaluate(y, s, rng.normal(size=500), n_bootstrap=300, seed=r)
+        m = evaluate(y, s, rng.normal(size=500), n_bootstrap=1000, seed=r)
         t = m["threshold"]
-        truth = {"auc": true_auc, "tpr@1%fpr": true_tpr,
-                 "tpr_at_threshold": norm.sf(t - d), "achieved_fpr": norm.sf(t)}
+        truth = {"auc": true_auc, "tpr@1%fpr": true_tpr, "tpr_at_threshold": norm.sf(t - d),
+                 "achieved_fpr": norm.sf(t), "advantage": norm.sf(t - d) - norm.sf(t)}
         for k, v in truth.items():
             ci = m["ci95"][k]
-            hits[k] += ci is not None and ci[0] <= v <= ci[1]
-    return {k: h / reps for k, h in hits.items()}
+            given[k] = given.get(k, 0) + (ci is not None)
+            hits[k] = hits.get(k, 0) + (ci is not None and ci[0] <= v <= ci[1])
+    return {k: hits[k] / given[k] for k in truth if given[k]}
 
 
-@pytest.mark.parametrize("d,n_pos,n_neg", [(1.4, 300, 1000), (0.5, 200, 2000)])
+@pytest.mark.parametrize("d,n_pos,n_neg", [(1.4, 300, 1000), (0.5, 200, 2000),
+                                           (2.0, 3000, 2000)])
 def test_interval_coverage_by_simulation(d, n_pos, n_neg):
     coverage = _coverage(np.random.default_rng(7), d, n_pos, n_neg)
+    # TPR@1%FPR gets an interval only with >= 20 expected false positives
+    assert ("tpr@1%fpr" in coverage) == (n_neg * 0.01 >= 20)
     assert min(coverage.values()) >= 0.93, coverage
 
 
