@@ -61,15 +61,23 @@ def test_audit_writes_all_four_outputs(audit_run):
     assert "src=\"http" not in html and "<table" in html
 
 
-def test_wsa_without_known_nonmembers_is_skipped_with_a_message(tmp_path, tiny_config, capsys):
+def _small_audit(tmp_path, tiny_config, n_members: int, n_nonmembers: int, *flags: str):
+    """`mmia audit` on one members shard and one non-members shard; flags may name them as
+    {m}, {n}, and {n_dot} (the non-members' shard by another path); returns the exit code."""
     for role in ("m", "n"):
         (tmp_path / role).mkdir()
-    m = write_good_shards(tmp_path / "m", 1, 8, seed=1)
-    n = write_good_shards(tmp_path / "n", 1, 8, seed=2)
+    m = write_good_shards(tmp_path / "m", 1, n_members, seed=1)
+    n = write_good_shards(tmp_path / "n", 1, n_nonmembers, seed=2)
+    flags = [f.format(m=m, n=n, n_dot=n.replace("/n/", "/n/./")) for f in flags]
     rc = main(["audit", "--model", "mmia-test-tiny", "--model-config", tiny_config,
-               "--members", m, "--nonmembers", n, "--attacks", "csa,wsa",
-               "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
-               "--bootstrap", "20", "--no-progress", "--workers", "0"])
+               "--members", m, "--nonmembers", n, "--cache", str(tmp_path / "c"),
+               "--out", str(tmp_path / "o"), "--no-progress", "--workers", "0", *flags])
+    return rc
+
+
+def test_wsa_without_known_nonmembers_is_skipped_with_a_message(tmp_path, tiny_config, capsys):
+    rc = _small_audit(tmp_path, tiny_config, 8, 8, "--attacks", "csa,wsa",
+                      "--bootstrap", "20")
     assert rc == 0
     printed = capsys.readouterr()
     err = printed.err
@@ -113,15 +121,8 @@ def test_overlapping_roles_are_an_error(role, other, words):
 
 
 def test_overlapping_pool_stops_the_audit_with_one_line(tmp_path, tiny_config, capsys):
-    for role in ("m", "n"):
-        (tmp_path / role).mkdir()
-    m = write_good_shards(tmp_path / "m", 1, 6, seed=1)
-    n = write_good_shards(tmp_path / "n", 1, 6, seed=2)
-    rc = main(["audit", "--model", "mmia-test-tiny", "--model-config", tiny_config,
-               "--members", m, "--nonmembers", n, "--known-nonmembers", n.replace("/n/", "/n/./"),
-               "--pool", m, "--attacks", "csa", "--cache", str(tmp_path / "c"),
-               "--out", str(tmp_path / "o"), "--bootstrap", "0", "--no-progress",
-               "--workers", "0"])
+    rc = _small_audit(tmp_path, tiny_config, 6, 6, "--known-nonmembers", "{n_dot}",
+                      "--pool", "{m}", "--attacks", "csa", "--bootstrap", "0")
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("mmia: error:")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err
@@ -130,14 +131,8 @@ def test_overlapping_pool_stops_the_audit_with_one_line(tmp_path, tiny_config, c
 
 
 def test_attack_that_cannot_run_becomes_a_note(tmp_path, tiny_config, capsys):
-    for role in ("m", "n"):
-        (tmp_path / role).mkdir()
-    m = write_good_shards(tmp_path / "m", 1, 1, seed=1)  # one member: blind cannot run
-    n = write_good_shards(tmp_path / "n", 1, 3, seed=2)
-    rc = main(["audit", "--model", "mmia-test-tiny", "--model-config", tiny_config,
-               "--members", m, "--nonmembers", n, "--attacks", "csa,blind",
-               "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
-               "--bootstrap", "0", "--no-progress", "--workers", "0"])
+    rc = _small_audit(tmp_path, tiny_config, 1, 3,  # one member: blind cannot run
+                      "--attacks", "csa,blind", "--bootstrap", "0")
     printed = capsys.readouterr()
     assert rc == 0 and "Traceback" not in printed.err
     assert "attack blind skipped: the blind baseline needs at least 2 members" in printed.err
