@@ -79,11 +79,20 @@ def decode_image(data: bytes) -> Image.Image:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
         image.load()
+    if image.mode.startswith("I"):  # 16/32-bit integer grey: scale to 8 bits, do not clip
+        image = _integer_grey_to_8bit(image)
     if image.mode in ("RGBA", "LA", "P"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+def _integer_grey_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) greyscale image as 8-bit "L": PIL's convert clips it."""
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
+    return Image.fromarray(np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8), "L")
 
 
 class PreparedStream(IterableDataset):

@@ -9,6 +9,9 @@ import io
 import json
 import math
 import numbers
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,12 +20,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from mmia.errors import MmiaError
 from mmia.metrics import LOW_FPRS
 
 BLIND = "blind"
 SHIFT_MARGIN = 0.02
 TOP_K = 10
 TEMPLATE = "report.html.j2"
+OUTPUTS = ("metrics.json", "scores.csv", "roc.png", "report.html")
 NO_INTERVAL = "no valid interval"
 # (column heading, result key): ROC figures on the evaluation set (oracle thresholds)
 ROC_COLUMNS = (("AUC", "auc"), ("TPR@1%FPR", "tpr@1%fpr"), ("TPR@0.1%FPR", "tpr@0.1%fpr"))
@@ -343,27 +348,48 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write metrics.json, scores.csv, roc.png and report.html into `out_dir`; return paths.
 
+    The files are written to a hidden folder inside `out_dir` and renamed into place together,
+    so an interrupted or failed write (Ctrl-C, disk full) leaves the previous outputs intact; a
+    failure is one-line MmiaError.
+
     results: attack name -> `mmia.metrics.evaluate` dict. provenance: dicts such as "model",
     "data", "versions", "seeds", "command" (each becomes a top-level key of metrics.json).
     samples: optional Features or mapping with "captions" and "image_bytes" for the report.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     y = np.asarray(labels)
     n = len(y)
     if len(keys) != n or any(len(np.asarray(s)) != n for s in scores_by_attack.values()):
         raise ValueError("keys, labels and every attack's scores must have the same length")
-    paths = {name: out / name for name in ("metrics.json", "scores.csv", "roc.png", "report.html")}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mmia-writing-", dir=out))
+    except OSError as exc:
+        raise MmiaError(f"cannot write the outputs to {str(out)!r} ({exc.strerror or exc}): "
+                        "pass a writable --out") from None
+    try:  # all four are written aside, then renamed into place: never a mix of two runs
+        _write_all(staging, results, scores_by_attack, y, keys, provenance, samples)
+        for name in OUTPUTS:
+            os.replace(staging / name, out / name)
+    except OSError as exc:
+        raise MmiaError(f"could not write the outputs to {str(out)!r} ({exc.strerror or exc}); "
+                        "the previous outputs there are unchanged") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: out / name for name in OUTPUTS}
 
+
+def _write_all(folder: Path, results, scores_by_attack, y, keys, provenance, samples) -> None:
+    """The four output files, written into `folder`."""
     doc = {"attacks": _jsonable(results), "model": {}, "data": {}}
     doc.update({k: _jsonable(v) for k, v in provenance.items() if k != "attacks"})
     doc["shift_warnings"] = shift_warnings(results)
     doc["resolution_notes"] = resolution_notes(results)
     doc["chance_notes"] = chance_notes(results)
     doc["threshold_notes"] = threshold_notes(results)
-    paths["metrics.json"].write_text(json.dumps(doc, indent=2, allow_nan=False))
+    (folder / "metrics.json").write_text(json.dumps(doc, indent=2, allow_nan=False))
 
-    with paths["scores.csv"].open("w", newline="") as f:
+    with (folder / "scores.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["key", "label", "attack", "score"])
         for name, s in scores_by_attack.items():
@@ -371,7 +397,6 @@ def write_outputs(
                 w.writerow([k, int(lab), name, repr(float(v))])
 
     roc_png = _png(roc_figure(scores_by_attack, y))
-    paths["roc.png"].write_bytes(roc_png)
+    (folder / "roc.png").write_bytes(roc_png)
     page = render_html(results, scores_by_attack, y, keys, provenance, samples, roc_png)
-    paths["report.html"].write_text(page, encoding="utf-8")
-    return paths
+    (folder / "report.html").write_text(page, encoding="utf-8")

@@ -139,3 +139,15 @@ def test_progress_callback_sees_every_sample(tmp_path, tiny_model, capsys):
                  progress=lambda done, counts: calls.append((done, dict(counts))))
     assert sum(done for done, _ in calls) == 6 and calls[-1][1]["new"] == 6
     assert capsys.readouterr().err == ""  # a callback replaces the bar: nothing printed
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped():
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 30000], [65535, 1000]], dtype=np.uint16)).save(buf, "PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    decoded = np.asarray(decode_image(buf.getvalue()))
+    assert decoded.shape == (2, 2, 3)
+    # v * 255 / 65535, rounded: 0, 117, 255, 4 (PIL's own convert gives 0, 255, 255, 255)
+    assert decoded[..., 0].tolist() == [[0, 117], [255, 4]]

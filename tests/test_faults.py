@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from shardgen import (
     bomb_png,
     good_members,
@@ -55,6 +57,15 @@ def _raw(data: bytes):
 
 
 IMG = jpeg_bytes(77)
+
+
+def _png16() -> bytes:
+    """A 16-bit greyscale PNG (PIL mode I;16)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(buf, "PNG")
+    return buf.getvalue()
+
+
 OK1 = "00001/000010000"
 # kind → (shard 00001 as members or writer, good keys besides GOOD, skips, warnings)
 KINDS = {
@@ -82,6 +93,7 @@ KINDS = {
     "rgba_png": (_one("rgba", image_bytes(6, mode="RGBA"), b"rgba"), {OK1, "00001/rgba"}, {},
                  {}),
     "palette_png": (_one("pal", image_bytes(7, mode="P"), b"pal"), {OK1, "00001/pal"}, {}, {}),
+    "png_16bit": (_one("deep", _png16(), b"deep"), {OK1, "00001/deep"}, {}, {}),
     "grey_png": (_one("grey", image_bytes(8, mode="L"), b"grey"), {OK1, "00001/grey"}, {}, {}),
     "one_pixel": (_one("px", jpeg_bytes(9, size=1), b"px"), {OK1, "00001/px"}, {}, {}),
     # webdataset's rule: the key ends at the first dot, so "a.b.c.jpg" is key "a", part "b.c.jpg"

@@ -226,3 +226,34 @@ def test_resolution_notes_flag_low_fprs_the_set_cannot_resolve(tmp_path, audit):
     doc = json.loads(paths["metrics.json"].read_text())
     assert doc["resolution_notes"] == notes(40)
     assert "1/40" in paths["report.html"].read_text()
+
+
+def _previous_outputs(out) -> dict[str, bytes]:
+    out.mkdir()
+    old = {name: f"previous run's {name}".encode() for name in
+           ("metrics.json", "scores.csv", "roc.png", "report.html")}
+    for name, data in old.items():
+        (out / name).write_bytes(data)
+    return old
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_an_interrupted_write_leaves_the_previous_outputs_whole(tmp_path, audit, monkeypatch,
+                                                                failure):
+    import mmia.report
+    from mmia.errors import MmiaError
+
+    y, scores, results, keys, samples, prov = audit
+    out = tmp_path / "out"
+    old = _previous_outputs(out)
+
+    def fail(*args, **kwargs):  # the report is rendered after metrics.json and scores.csv
+        raise failure
+
+    monkeypatch.setattr(mmia.report, "render_html", fail)
+    expected = MmiaError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected) as err:
+        write_outputs(out, results, scores, y, keys, prov, samples=samples)
+    if expected is MmiaError:
+        assert "previous outputs there are unchanged" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # nothing new, nothing left
