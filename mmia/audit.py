@@ -113,7 +113,22 @@ def features_of(records: list[SampleRecord], cache: EmbeddingCache, views: int) 
         views=cache.read_image(img, range(1, views + 1)) if views and records else None,
         captions=[r.caption for r in records],
         image_bytes=[r.image_bytes for r in records],
+        groups=[r.image_digest for r in records],
     )
+
+
+def drop_duplicate_content(result: EmbedResult) -> None:
+    """Keep the first of samples with the same image and caption; count the rest as skips."""
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for r in result.records:
+        content = (r.image_digest, r.caption_digest)
+        if content not in seen:
+            seen.add(content)
+            unique.append(r)
+    if len(unique) < len(result.records):
+        result.skips["duplicate_content"] += len(result.records) - len(unique)
+        result.records = unique
 
 
 @functools.lru_cache(maxsize=65536)
@@ -252,6 +267,7 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
                 loaded, patterns, cfg.cache, views=0 if role == "pool" else views,
                 batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress,
                 keep_images=keep and role in EVALUATION_ROLES)
+            drop_duplicate_content(embedded[role])
             log.info("%s: %s", role, embedded[role].summary().replace("\n", f"\n{role}: "))
     members, nonmembers = embedded["members"].records, embedded["nonmembers"].records
     if not members or not nonmembers:

@@ -204,3 +204,22 @@ def test_blind_uses_image_statistics_and_no_shift_is_chance():
     # fit/score on a held-out set also works
     fitted = Blind().fit_labeled(_feats(img, img, captions=caps, image_bytes=shifted), y)
     assert fitted.score(_feats(img, img, captions=caps, image_bytes=shifted)).shape == (2 * n,)
+
+
+def test_blind_cross_validation_keeps_copies_of_an_image_together():
+    """Random labels, each sample present twice: ungrouped folds let a copy's twin teach its
+    label (high AUC from nothing); grouped by content, the baseline stays at chance."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(400)]
+    n = 120
+    captions = [" ".join(rng.choice(words, 6)) for _ in range(n)]
+    labels = rng.permutation(np.r_[np.ones(n // 2), np.zeros(n // 2)]).astype(int)
+    twice = np.r_[np.arange(n), np.arange(n)]
+    emb = np.zeros((2 * n, 4), np.float32)
+    feats = Features(keys=[str(i) for i in range(2 * n)], image=emb, text=emb,
+                     captions=[captions[i] for i in twice], groups=[f"d{i}" for i in twice])
+    y = labels[twice]
+    grouped = roc_auc_score(y, Blind(use_images=False).cross_val_scores(feats, y, seed=0))
+    feats.groups = None
+    leaky = roc_auc_score(y, Blind(use_images=False).cross_val_scores(feats, y, seed=0))
+    assert leaky > 0.8 and abs(grouped - 0.5) < 0.12, (leaky, grouped)

@@ -63,12 +63,13 @@ def test_audit_writes_all_four_outputs(audit_run):
 
 def _small_audit(tmp_path, tiny_config, n_members: int, n_nonmembers: int, *flags: str):
     """`mmia audit` on one members shard and one non-members shard; flags may name them as
-    {m}, {n}, and {n_dot} (the non-members' shard by another path); returns the exit code."""
+    {m}, {n}, {m_dot} and {n_dot} (the same shards by another path); returns the exit code."""
     for role in ("m", "n"):
         (tmp_path / role).mkdir()
     m = write_good_shards(tmp_path / "m", 1, n_members, seed=1)
     n = write_good_shards(tmp_path / "n", 1, n_nonmembers, seed=2)
-    flags = [f.format(m=m, n=n, n_dot=n.replace("/n/", "/n/./")) for f in flags]
+    flags = [f.format(m=m, n=n, n_dot=n.replace("/n/", "/n/./"),
+                      m_dot=m.replace("/m/", "/m/./")) for f in flags]
     rc = main(["audit", "--model", "mmia-test-tiny", "--model-config", tiny_config,
                "--members", m, "--nonmembers", n, "--cache", str(tmp_path / "c"),
                "--out", str(tmp_path / "o"), "--no-progress", "--workers", "0", *flags])
@@ -128,6 +129,15 @@ def test_overlapping_pool_stops_the_audit_with_one_line(tmp_path, tiny_config, c
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err
     assert "6 sample(s) of the known non-members are also non-members" in errors[0]
     assert "same shard and key" in errors[0]
+
+
+def test_the_same_shard_twice_in_a_role_is_counted_once(tmp_path, tiny_config, capsys):
+    rc = _small_audit(tmp_path, tiny_config, 6, 6, "--members", "{m_dot}", "--attacks", "csa",
+                      "--bootstrap", "0")
+    assert rc == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["attacks"]["csa"]["n_members"] == 6
+    assert metrics["data"]["members"]["skipped"] == {"duplicate_content": 6}
 
 
 def test_attack_that_cannot_run_becomes_a_note(tmp_path, tiny_config, capsys):

@@ -30,6 +30,7 @@ class Features:
     views: np.ndarray | None = None
     captions: list[str] | None = None
     image_bytes: list[bytes] | None = None
+    groups: list[str] | None = None  # content digests: cross-validation keeps a group together
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -41,6 +42,8 @@ class Features:
             raise ValueError("Features: views must have shape (n, K, d)")
         if self.image_bytes is not None and len(self.image_bytes) != n:
             raise ValueError("Features: image_bytes must have one entry per sample")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError("Features: groups must have one entry per sample")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -58,6 +61,7 @@ class Features:
             views=None if self.views is None else self.views[idx],
             captions=[self.captions[i] for i in pick],
             image_bytes=None if self.image_bytes is None else [self.image_bytes[i] for i in pick],
+            groups=None if self.groups is None else [self.groups[i] for i in pick],
         )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.compose import ColumnTransformer
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
@@ -101,7 +101,8 @@ class Blind(Attack):
         return self.model_.predict_proba(blind_design(features, self.use_images))[:, 1]
 
     def cross_val_scores(self, features: Features, labels: np.ndarray, seed: int = 0) -> np.ndarray:
-        """Out-of-fold member probabilities from stratified k-fold on the evaluation set."""
+        """Out-of-fold member probabilities from stratified k-fold on the evaluation set, grouped
+        by `features.groups` (content digests) when given."""
         y = check_labels(labels)
         if len(y) != len(features):
             raise ValueError("labels and features differ in length")
@@ -111,6 +112,9 @@ class Blind(Attack):
                 "the blind baseline needs at least 2 members and 2 non-members to "
                 f"cross-validate (got {int(y.sum())} and {int((y == 0).sum())})")
         x = blind_design(features, self.use_images)
-        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        if features.groups is None:
+            folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        else:  # copies of one image never sit on both sides of a split
+            folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         return cross_val_predict(self.make_pipeline(x.shape[1]), x, y, cv=folds,
-                                 method="predict_proba")[:, 1]
+                                 groups=features.groups, method="predict_proba")[:, 1]
