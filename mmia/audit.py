@@ -136,10 +136,15 @@ def _shard_identity(url: str) -> str:
     return url if not url or is_remote(url) else os.path.realpath(local_path(url))
 
 
-def _overlap(a: list[SampleRecord], b: list[SampleRecord]) -> list[tuple[str, str, str]]:
-    """Samples of `a` that are also in `b`: (key in a, key in b, how they match)."""
-    by_key = {(_shard_identity(r.url), r.key): r.key for r in b}
-    by_content = {(r.image_digest, r.caption_digest): r.key for r in b}
+def _role_index(records: list[SampleRecord]) -> tuple[dict, dict]:
+    """A role's samples by (shard file, key) and by (image, caption) digest."""
+    return ({(_shard_identity(r.url), r.key): r.key for r in records},
+            {(r.image_digest, r.caption_digest): r.key for r in records})
+
+
+def _overlap(a: list[SampleRecord], index: tuple[dict, dict]) -> list[tuple[str, str, str]]:
+    """Samples of `a` that are also in the indexed role: (key in a, key there, how they match)."""
+    by_key, by_content = index
     found = []
     for r in a:
         other = by_key.get((_shard_identity(r.url), r.key))
@@ -174,8 +179,11 @@ ROLE_PAIRS = (
 def check_roles_disjoint(records: dict[str, list[SampleRecord]]) -> None:
     """Raise MmiaError (one line: count and an example) when two roles share a sample, by
     shard file and key or by content."""
+    index = {role: _role_index(recs) for role, recs in records.items()}  # each built once
     for role, other, why in ROLE_PAIRS:
-        found = _overlap(records.get(role, []), records.get(other, []))
+        if role not in records or other not in records:
+            continue
+        found = _overlap(records[role], index[other])
         if found:
             key, other_key, how = found[0]
             raise MmiaError(
