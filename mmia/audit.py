@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from mmia.attacks import ATTACKS, Attack, Features, make_attack
-from mmia.attacks.aea import DEFAULT_AGGREGATION
+from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
+from mmia.attacks.wsa import CLASSIFIERS
 from mmia.cache import EmbeddingCache
+from mmia.checks import check_attack_settings, check_embed_settings, check_fraction
 from mmia.embed import EmbedResult, SampleRecord, embed_shards
 from mmia.errors import MmiaError
 from mmia.metrics import evaluate
@@ -62,6 +64,26 @@ class AuditConfig:
     wsa_lambda: float = 1.5
     calibration_fraction: float = 0.5
     progress: bool | Callable = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings no audit can run with: one-line MmiaError, before any work."""
+        check_embed_settings(self.views, self.batch_size, self.workers)
+        check_attack_settings(self.views, self.seed, self.n_bootstrap, self.wsa_lambda)
+        check_fraction("--calibration-fraction", self.calibration_fraction)
+        check_fraction("target_fpr", self.target_fpr)
+        names = () if isinstance(self.attacks, str) else tuple(self.attacks)
+        if not names or any(a not in ATTACKS for a in names):
+            raise MmiaError(f"attacks must be names from {','.join(ATTACKS)}, "
+                            f"got {self.attacks!r}")
+        if self.aea_aggregation not in AGGREGATIONS:
+            raise MmiaError(f"--aea-aggregation {self.aea_aggregation!r} is not one of "
+                            f"{', '.join(AGGREGATIONS)}")
+        if self.wsa_classifier not in CLASSIFIERS:
+            raise MmiaError(f"--wsa-classifier {self.wsa_classifier!r} is not one of "
+                            f"{', '.join(CLASSIFIERS)}")
 
 
 @dataclass
@@ -176,18 +198,20 @@ ROLE_PAIRS = (
 )
 
 
-def check_roles_disjoint(records: dict[str, list[SampleRecord]]) -> None:
+def check_roles_disjoint(records: dict[str, list[SampleRecord]],
+                         pairs: tuple[tuple[str, str, str], ...] = ROLE_PAIRS) -> None:
     """Raise MmiaError (one line: count and an example) when two roles share a sample, by
-    shard file and key or by content."""
+    shard file and key or by content. `pairs`: (role, other role, why), default the audit's."""
     index = {role: _role_index(recs) for role, recs in records.items()}  # each built once
-    for role, other, why in ROLE_PAIRS:
+    for role, other, why in pairs:
         if role not in records or other not in records:
             continue
         found = _overlap(records[role], index[other])
         if found:
             key, other_key, how = found[0]
+            name, other_name = (ROLE_NAMES.get(r, r.replace("_", " ")) for r in (role, other))
             raise MmiaError(
-                f"{len(found)} sample(s) of the {ROLE_NAMES[role]} are also {ROLE_NAMES[other]} "
+                f"{len(found)} sample(s) of the {name} are also {other_name} "
                 f"(e.g. {key!r} has {how} as {other_key!r}): {why}")
 
 
@@ -242,7 +266,7 @@ def skipped_attacks(cfg: AuditConfig, have: dict[str, bool]) -> dict[str, str]:
     return reasons
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -305,7 +329,7 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
             metrics[name] = attack_metrics(run, cfg, labels)
         except Exception as exc:  # noqa: BLE001 - an attack that cannot run becomes a note
             log.debug("attack %s failed", name, exc_info=True)
-            notes.append(f"attack {name} skipped: {_first_line(exc)}")
+            notes.append(f"attack {name} skipped: {first_line(exc)}")
             continue
         scores[name] = run.scores
         if name == "wsa":
@@ -316,7 +340,8 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
     provenance = {
         "model": {**loaded.description, "fingerprint": loaded.fingerprint},
         "data": {role: {"patterns": p, "samples": len(embedded[role].records),
-                        "skipped": skips[role], "warnings": dict(embedded[role].warnings)}
+                        "skipped": skips[role], "warnings": dict(embedded[role].warnings),
+                        "skip_examples": embedded[role].skip_examples}
                  for role, p in roles.items() if p},
         "skipped": {role: sum(c.values()) for role, c in skips.items()},
         "notes": notes,

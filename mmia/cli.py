@@ -1,18 +1,24 @@
-"""Command line: `mmia embed`, `mmia audit`, `mmia pilot`.
+"""Command line: `mmia embed`, `mmia audit`, `mmia infer`, `mmia pilot`, `mmia cache verify`.
 
 The one module that parses arguments and prints; every command is a Python API underneath
-(`mmia.embed.embed_shards`, `mmia.audit.run_audit`, `mmia.pilot.run_pilot`) that returns a
-result. Every user error becomes one line on stderr naming the problem and the fix, exit 2.
+(`mmia.embed.embed_shards`, `mmia.audit.run_audit`, `mmia.infer.run_inference`,
+`mmia.pilot.run_pilot`) that returns a result. Every user error becomes one line on stderr
+naming the problem and the fix, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
 
+from mmia.checks import check_embed_settings, integer
 from mmia.errors import MmiaError
 
 DEFAULT_ATTACKS = "csa,aea,wsa,blind"
@@ -25,10 +31,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="build with QuickGELU (required choice for local weights of "
                         "architectures whose released tags used it, e.g. ViT-B-32 openai)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="fp32", help="fp32 (default), fp16, bf16, amp")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 1)")
+    p.add_argument("--batch-size", type=integer, default=32)
+    p.add_argument("--workers", type=integer, default=None,
+                   help="DataLoader workers (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -38,7 +45,8 @@ def add_embed_parser(sub) -> None:
     p.add_argument("--shards", nargs="+", action="extend", required=True,
                    help="webdataset URL patterns (brace expansion; may repeat)")
     p.add_argument("--cache", required=True, help="embedding cache folder")
-    p.add_argument("--views", type=int, default=0, help="augmented views per image for AEA")
+    p.add_argument("--views", type=integer, default=0,
+                   help="augmented views per image for AEA")
     p.set_defaults(func=cli_embed)
 
 
@@ -56,8 +64,8 @@ def add_audit_parser(sub) -> None:
     p.add_argument("--attacks", default=DEFAULT_ATTACKS, help=f"from {','.join(ATTACKS)}")
     p.add_argument("--cache", default=".mmia/cache")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--views", type=int, default=10, help="augmented views for AEA (K)")
+    p.add_argument("--seed", type=integer, default=0, help="from 0 to 2**32 - 1")
+    p.add_argument("--views", type=integer, default=10, help="augmented views for AEA (K)")
     p.add_argument("--aea-aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
                    help=f"how AEA combines its views (default {DEFAULT_AGGREGATION}; README)")
     p.add_argument("--wsa-lambda", type=float, default=1.5,
@@ -66,7 +74,7 @@ def add_audit_parser(sub) -> None:
     p.add_argument("--calibration-fraction", type=float, default=0.5,
                    help="share of the known non-members held out of WSA's training to set "
                         "its threshold (default 0.5)")
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--bootstrap", type=integer, default=1000)
     p.set_defaults(func=cli_audit)
 
 
@@ -79,18 +87,18 @@ def add_pilot_parser(sub) -> None:
     p.add_argument("--root", default=".mmia/pilot", help="where the world, models, cache live")
     p.add_argument("--out", default="mmia-out/pilot")
     p.add_argument("--attacks", default=DEFAULT_ATTACKS)
-    p.add_argument("--views", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0, help="attack and bootstrap seed")
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--views", type=integer, default=10)
+    p.add_argument("--seed", type=integer, default=0, help="attack and bootstrap seed")
+    p.add_argument("--bootstrap", type=integer, default=1000)
     p.add_argument("--wsa-lambda", type=float, default=PILOT_WSA_LAMBDA,
                    help="pseudo-member threshold μ + λσ (default 0.5 here: the known non-members' "
                         "cosines are skewed and at the paper's 1.5 μ + λσ exceeds 1)")
     g = p.add_argument_group("world and target (a new combination builds a new world)")
-    g.add_argument("--world-seed", type=int, default=world.seed,
+    g.add_argument("--world-seed", type=integer, default=world.seed,
                    help="seed of the world and of the target's training")
-    g.add_argument("--members", type=int, default=world.n_members,
+    g.add_argument("--members", type=integer, default=world.n_members,
                    help="target training-set size")
-    g.add_argument("--epochs", type=int, default=train.epochs)
+    g.add_argument("--epochs", type=integer, default=train.epochs)
     g.add_argument("--idio-strength", type=float, default=world.idio_strength,
                    help="weight of each image's memorisable texture (0 = none)")
     g.add_argument("--model-config", help="open_clip model-config JSON of the target "
@@ -101,12 +109,57 @@ def add_pilot_parser(sub) -> None:
     p.set_defaults(func=cli_pilot)
 
 
+def add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="inspect an embedding cache")
+    actions = p.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="check every segment; quarantine bad ones "
+                                "(exit 1 when any was bad: its samples are embedded again)")
+    verify.add_argument("--cache", required=True, help="embedding cache folder")
+    verify.set_defaults(func=cli_cache_verify)
+
+
+def add_infer_parser(sub) -> None:
+    from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
+    from mmia.attacks.wsa import CLASSIFIERS
+    from mmia.infer import INFER_ATTACKS
+
+    p = sub.add_parser("infer", help="was this data used to train the model? p-values and a "
+                       "verdict for unlabeled candidates")
+    add_model_args(p)
+    for role, what in (("candidates", "the samples whose membership is unknown"),
+                       ("known_nonmembers", "data the model cannot have seen (the null)"),
+                       ("pool", "unlabeled data for WSA")):
+        p.add_argument("--" + role.replace("_", "-"), dest=role, nargs="+", action="extend",
+                       help=f"shard patterns of {what} (may repeat)")
+    p.add_argument("--attacks", default=",".join(INFER_ATTACKS),
+                   help=f"from {','.join(INFER_ATTACKS)}")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="flag candidates whose p-value is at most this (default 0.01)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="level of the dataset-level test (default 0.05; the members' lower "
+                        "bound is a 95 %% bound whatever this is)")
+    p.add_argument("--cache", default=".mmia/cache")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=integer, default=0, help="from 0 to 2**32 - 1")
+    p.add_argument("--views", type=integer, default=10, help="augmented views for AEA (K)")
+    p.add_argument("--aea-aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS)
+    p.add_argument("--wsa-lambda", type=float, default=1.5,
+                   help="pseudo-member threshold μ + λσ of known non-members' CSA (paper: 1.5)")
+    p.add_argument("--wsa-classifier", default="mlp", choices=CLASSIFIERS)
+    p.add_argument("--calibration-fraction", type=float, default=0.5,
+                   help="share of the known non-members held out of WSA's training; its "
+                        "p-values come from them (default 0.5)")
+    p.set_defaults(func=cli_infer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmia", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_embed_parser(sub)
     add_audit_parser(sub)
     add_pilot_parser(sub)
+    add_cache_parser(sub)
+    add_infer_parser(sub)
     return parser
 
 
@@ -120,6 +173,34 @@ def ensure_writable_dir(path: str, flag: str) -> None:
     if not os.access(path, os.W_OK):
         raise MmiaError(f"{flag.lstrip('-')} folder {path!r} is not writable: "
                         f"pass a writable {flag}")
+
+
+def ensure_cache_dir(path: str) -> None:
+    """Create the cache folder if needed; an existing read-only cache may serve what it
+    holds (embedding refuses, before any forward pass, when something is missing)."""
+    if os.path.isdir(path):
+        return
+    ensure_writable_dir(path, "--cache")
+
+
+def check_run_inputs(device: str, cfg, roles) -> None:
+    """Before a model is loaded: the device exists, every role's patterns name shards, and
+    the output and cache folders can be used."""
+    from mmia.shards import expand_patterns
+
+    check_device(device)
+    for role in roles:
+        if getattr(cfg, role):
+            expand_patterns(getattr(cfg, role))
+    ensure_writable_dir(cfg.out, "--out")
+    ensure_cache_dir(cfg.cache)
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device mmia cannot embed on before any shard is read."""
+    from mmia.model import resolve_device
+
+    resolve_device(device)
 
 
 def _load(args: argparse.Namespace):
@@ -136,10 +217,10 @@ def cli_embed(args: argparse.Namespace) -> int:
     from mmia.embed import embed_shards
     from mmia.shards import expand_patterns
 
+    check_embed_settings(args.views, args.batch_size, args.workers)
+    check_device(args.device)
     expand_patterns(args.shards)  # fail on bad patterns before loading a model
-    if args.views < 0 or args.batch_size < 1:
-        raise MmiaError("--views must be ≥ 0 and --batch-size ≥ 1")
-    ensure_writable_dir(args.cache, "--cache")
+    ensure_cache_dir(args.cache)
     result = embed_shards(_load(args), args.shards, args.cache, views=args.views,
                           batch_size=args.batch_size, workers=args.workers,
                           progress=not args.no_progress)
@@ -150,11 +231,8 @@ def cli_embed(args: argparse.Namespace) -> int:
 def cli_audit(args: argparse.Namespace) -> int:
     from mmia.audit import ROLES, AuditConfig, format_table, parse_attacks, run_audit
     from mmia.report import console_notes
-    from mmia.shards import expand_patterns
 
-    if not 0 < args.calibration_fraction < 1:
-        raise MmiaError("--calibration-fraction must be between 0 and 1")
-    cfg = AuditConfig(
+    cfg = AuditConfig(  # validates every setting: one line before any work
         members=args.members, nonmembers=args.nonmembers,
         known_nonmembers=args.known_nonmembers or [], pool=args.pool or [],
         attacks=parse_attacks(args.attacks), cache=args.cache, out=args.out, views=args.views,
@@ -162,11 +240,7 @@ def cli_audit(args: argparse.Namespace) -> int:
         workers=args.workers, aea_aggregation=args.aea_aggregation,
         wsa_classifier=args.wsa_classifier, wsa_lambda=args.wsa_lambda,
         calibration_fraction=args.calibration_fraction, progress=not args.no_progress)
-    for role in ROLES:
-        if getattr(cfg, role):
-            expand_patterns(getattr(cfg, role))
-    ensure_writable_dir(cfg.out, "--out")
-    ensure_writable_dir(cfg.cache, "--cache")
+    check_run_inputs(args.device, cfg, ROLES)
     result = run_audit(_load(args), cfg, args.command_line)
     for note in result.notes:
         print(note, file=sys.stderr)
@@ -196,9 +270,99 @@ def cli_pilot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_infer(args: argparse.Namespace) -> int:
+    from mmia.infer import OUTPUTS, ROLES, InferConfig, console_lines, parse_attacks, run_inference
+
+    cfg = InferConfig(  # validates every setting: one line before any work
+        candidates=args.candidates or [], known_nonmembers=args.known_nonmembers or [],
+        pool=args.pool or [], attacks=parse_attacks(args.attacks), cache=args.cache,
+        out=args.out, views=args.views, seed=args.seed, target_fpr=args.target_fpr,
+        alpha=args.alpha, batch_size=args.batch_size, workers=args.workers,
+        aea_aggregation=args.aea_aggregation, wsa_classifier=args.wsa_classifier,
+        wsa_lambda=args.wsa_lambda, calibration_fraction=args.calibration_fraction,
+        progress=not args.no_progress)
+    check_run_inputs(args.device, cfg, ROLES)
+    result = run_inference(_load(args), cfg, args.command_line)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    result.write(cfg.out)
+    print("\n".join(console_lines(result)))
+    print(f"wrote {', '.join(OUTPUTS)} to {cfg.out}")
+    return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it takes Ctrl-C's clean path (DataLoader
+    workers shut down, partial outputs left aside)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` in this process; a second one kills at once.
+
+    Forked DataLoader workers inherit the handler: in them SIGTERM keeps its default action.
+    """
+    main_pid = os.getpid()
+
+    def on_sigterm(signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() != main_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some space or choose another --cache/--out, then rerun",
+    errno.EDQUOT: "free some space or choose another --cache/--out, then rerun",
+    errno.EROFS: "choose a writable folder",
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
+    errno.EMFILE: "raise the open-file limit (ulimit -n) or pass fewer --workers/--views",
+    errno.ENFILE: "raise the open-file limit (ulimit -n) or pass fewer --workers/--views",
+}
+USER_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a folder the user chose: exit 2
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that no module turned into an MmiaError."""
+    if exc.strerror:
+        where = f" on {str(exc.filename)!r}" if exc.filename is not None else ""
+        text = exc.strerror + where
+    else:  # e.g. re-raised from a DataLoader worker: the last line is the original error
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = lines[-1] if lines else type(exc).__name__
+    hint = OS_ERROR_HINTS.get(exc.errno, "")
+    return f"{text}{': ' + hint if hint else ''}; the cache keeps every committed segment"
+
+
+def cli_cache_verify(args: argparse.Namespace) -> int:
+    from mmia.cache import verify_cache
+
+    report = verify_cache(args.cache)
+    print(report.summary())
+    return 0 if report.clean else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _log_to_stderr()
+    with sigterm_as_interrupt():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
+    """Parse and run one command; every failure the user can act on is one stderr line."""
     try:  # building the parser imports the attacks: a broken install must be named, too
         args = build_parser().parse_args(argv)
         args.command_line = "mmia " + " ".join(shlex.quote(a) for a in argv)  # for provenance
@@ -206,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     except MmiaError as exc:
         print(f"mmia: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("mmia: terminated by SIGTERM (the cache keeps every committed segment; rerun to "
+              "resume)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("mmia: interrupted (the cache keeps every committed segment; rerun to resume)",
               file=sys.stderr)
@@ -214,10 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmia: error: cannot import {exc.name or 'a dependency'} ({exc}): the "
               "installation is broken; reinstall mmia and its dependencies", file=sys.stderr)
         return 1
-    except PermissionError as exc:
-        print(f"mmia: error: no permission to write {exc.filename!r}: choose a writable folder",
-              file=sys.stderr)
-        return 2
+    except OSError as exc:  # disk full, read-only or forbidden folder, too many open files
+        print(f"mmia: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2 if exc.errno in USER_ERRNOS else 1
 
 
 class _StderrHandler(logging.StreamHandler):

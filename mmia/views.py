@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -66,3 +66,17 @@ def make_view(
         return preprocess(image)
     rng = np.random.default_rng(view_seed(image_digest, view, config))
     return preprocess(config.apply(image, rng))
+
+
+def make_views(
+    image: Image.Image,
+    image_digest: str,
+    views: Sequence[int],
+    preprocess: Callable,
+    config: AugmentConfig,
+) -> torch.Tensor | None:
+    """The model inputs of several views of an image as ONE (len(views), C, H, W) tensor (None
+    for no views): one tensor crosses a process boundary as one shared-memory descriptor."""
+    if not views:
+        return None
+    return torch.stack([make_view(image, image_digest, v, preprocess, config) for v in views])

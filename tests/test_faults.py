@@ -200,8 +200,9 @@ def _embed_cmd(pattern, cache, config):
 
 
 def _store_keys(folder) -> list[str]:
-    return [k for n in sorted(os.listdir(folder)) if n.endswith(".keys.npy")
-            for k in np.load(os.path.join(folder, n)).tolist()]
+    """Digests of the committed segments (those with a manifest) of one store folder."""
+    return [k for n in sorted(os.listdir(folder)) if n.endswith(".seg.json")
+            for k in np.load(os.path.join(folder, n.replace(".seg.json", ".keys.npy"))).tolist()]
 
 
 def _start_embed(pattern, cache, config):
