@@ -339,7 +339,12 @@ class FeatureStore:
         return self._locate_verified(digests)[0] >= 0
 
     def write(self, digests: Sequence[str], features: np.ndarray) -> int:
-        """Commit the rows whose digests are not cached yet as one segment; how many were new.
+        """Commit the rows whose digests are not cached yet as one segment; how many were new."""
+        return len(self.write_new(digests, features))
+
+    def write_new(self, digests: Sequence[str], features: np.ndarray) -> list[str]:
+        """Commit the rows whose digests are not cached yet (by anyone) as one segment; their
+        digests. The check reads the folder afresh, so under a lock it is exact.
 
         Raises MmiaError for non-finite features (nothing is written) and CacheWriteError when
         the disk is full or the folder read-only (nothing half-written is left behind).
@@ -355,7 +360,7 @@ class FeatureStore:
         keep[first] = True
         keep &= new
         if not keep.any():
-            return 0
+            return []
         keys = np.asarray(digests, DIGEST_DTYPE)[keep]
         feats = features[keep]
         name = f"{len(self._segments):08d}-{uuid.uuid4().hex[:8]}"
@@ -367,7 +372,7 @@ class FeatureStore:
                 f"({exc.strerror or errno.errorcode.get(exc.errno, exc)}): every segment committed "
                 "so far is kept; free space or pass a writable --cache, then rerun to resume"
             ) from None
-        return int(keep.sum())
+        return [k.decode() for k in keys]
 
     def _commit(self, name: str, keys: np.ndarray, feats: np.ndarray) -> None:
         os.makedirs(self.folder, exist_ok=True)

@@ -493,22 +493,13 @@ class PendingWrites:
         if by_store:
             with commit_lock(self.cache.folder):
                 for store, rows in by_store.items():
-                    written |= {(store, d) for d in self._write_new(store, rows)}
+                    new = self._store(store).write_new([d for d, _ in rows],
+                                                       np.stack([r for _, r in rows]))
+                    written |= {(store, d) for d in new}
         for pending in done:
             mine = any((store, digest) in written for store, digest, _ in pending.features)
             self.claimed += mine
             self.unclaimed += not mine
-
-    def _write_new(self, store: int | str, rows: list[tuple[str, np.ndarray]]) -> list[str]:
-        """Write the rows whose digests are not cached yet (checked under the lock); those."""
-        target = self._store(store).refresh()
-        digests = [d for d, _ in rows]
-        new = ~target.contains(digests)
-        keys = [d for d, keep in zip(digests, new, strict=True) if keep]
-        if keys:
-            target.write(keys, np.stack([r for (_, r), keep in zip(rows, new, strict=True)
-                                         if keep]))
-        return keys
 
     def finish(self) -> None:
         for modality in self.queues:
