@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,30 @@ ROLE_NAMES = {"members": "members", "nonmembers": "non-members",
               "known_nonmembers": "known non-members", "pool": "pool"}
 
 
+@dataclass(kw_only=True)
+class AttackSettings:
+    """The settings `mmia audit` and `mmia infer` share: cache, embedding and attacks."""
+
+    cache: str = ".mmia/cache"
+    views: int = 10
+    seed: int = 0
+    target_fpr: float = 0.01
+    batch_size: int = 32
+    workers: int | None = None
+    aea_aggregation: str = DEFAULT_AGGREGATION
+    wsa_classifier: str = "mlp"
+    wsa_lambda: float = 1.5
+    calibration_fraction: float = 0.5
+    progress: bool | Callable = False
+
+    def attack_settings(self) -> dict:
+        """These settings as keyword arguments (to build another config from them)."""
+        return {f.name: getattr(self, f.name) for f in fields(AttackSettings)}
+
+
 @dataclass
-class AuditConfig:
-    """Everything an audit needs besides the model.
+class AuditConfig(AttackSettings):
+    """Everything an audit needs besides the model (the settings after `pool`: keywords).
 
     `out` is where `AuditResult.write` puts the outputs (the CLI's --out).
     `calibration_fraction`: share of the known non-members held out of the fitting of attacks
@@ -51,19 +72,8 @@ class AuditConfig:
     known_nonmembers: list[str] = field(default_factory=list)
     pool: list[str] = field(default_factory=list)
     attacks: tuple[str, ...] = ("csa", "aea", "wsa", "blind")
-    cache: str = ".mmia/cache"
     out: str = "mmia-out"
-    views: int = 10
-    seed: int = 0
-    target_fpr: float = 0.01
     n_bootstrap: int = 1000
-    batch_size: int = 32
-    workers: int | None = None
-    aea_aggregation: str = DEFAULT_AGGREGATION
-    wsa_classifier: str = "mlp"
-    wsa_lambda: float = 1.5
-    calibration_fraction: float = 0.5
-    progress: bool | Callable = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +35,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from mmia.attacks import Features
-from mmia.attacks.aea import DEFAULT_AGGREGATION
 from mmia.attacks.blind import Blind, blind_design
 from mmia.audit import (
+    AttackSettings,
     AuditConfig,
     check_roles_disjoint,
     drop_duplicate_content,
@@ -91,7 +91,7 @@ def parse_attacks(text: str) -> tuple[str, ...]:
 
 
 @dataclass
-class InferConfig:
+class InferConfig(AttackSettings):
     """Everything an inference needs besides the model.
 
     candidates: shard patterns of the samples whose membership is unknown; known_nonmembers:
@@ -105,19 +105,8 @@ class InferConfig:
     known_nonmembers: list[str]
     pool: list[str] = field(default_factory=list)
     attacks: tuple[str, ...] = INFER_ATTACKS
-    cache: str = ".mmia/cache"
     out: str = "mmia-out/infer"
-    views: int = 10
-    seed: int = 0
-    target_fpr: float = 0.01
     alpha: float = 0.05
-    batch_size: int = 32
-    workers: int | None = None
-    aea_aggregation: str = DEFAULT_AGGREGATION
-    wsa_classifier: str = "mlp"
-    wsa_lambda: float = 1.5
-    calibration_fraction: float = 0.5
-    progress: bool | Callable = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,12 +132,8 @@ class InferConfig:
         return AuditConfig(
             members=list(self.candidates), nonmembers=list(self.known_nonmembers),
             known_nonmembers=list(self.known_nonmembers), pool=list(self.pool),
-            attacks=tuple(self.attacks), cache=self.cache, out=self.out, views=self.views,
-            seed=self.seed, target_fpr=self.target_fpr, n_bootstrap=0,
-            batch_size=self.batch_size, workers=self.workers,
-            aea_aggregation=self.aea_aggregation, wsa_classifier=self.wsa_classifier,
-            wsa_lambda=self.wsa_lambda, calibration_fraction=self.calibration_fraction,
-            progress=self.progress)
+            attacks=tuple(self.attacks), out=self.out, n_bootstrap=0,
+            **self.attack_settings())
 
 
 # ------------------------------------------------------------------ the statistical core
