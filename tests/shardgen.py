@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import json
 import tarfile
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -187,3 +192,22 @@ def write_sparse_map_shard(path, blocks: int) -> str:
         for name, data in good_members(1, 1):
             add_member(tar, name, data)
     return str(path)
+
+
+@contextlib.contextmanager
+def serve_folder(folder) -> Iterator[str]:
+    """A quiet loopback http server over `folder` while inside; yields its base url."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass

@@ -4,7 +4,6 @@ skip reasons shown, concurrent runs on one cache (issue 14, cases 8, 9, 11, 13, 
 from __future__ import annotations
 
 import functools
-import http.server
 import io
 import json
 import os
@@ -17,7 +16,13 @@ import time
 
 import pytest
 from PIL import Image
-from shardgen import good_members, sample_members, write_good_shards, write_shard
+from shardgen import (
+    good_members,
+    sample_members,
+    serve_folder,
+    write_good_shards,
+    write_shard,
+)
 from test_embed import cache_contents
 
 import mmia.cli
@@ -177,22 +182,12 @@ def test_batch_size_beyond_memory_is_refused_before_any_forward_pass(tmp_path, t
 # ---------------------------------------------------------------- case 13: why a shard failed
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def http_root(tmp_path):
     """A loopback http server over tmp_path/www; yields its base url."""
     (tmp_path / "www").mkdir()
-    handler = functools.partial(_Quiet, directory=str(tmp_path / "www"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(tmp_path / "www") as url:
+        yield url
 
 
 def _example_for(lines: list[str], where: str) -> str:

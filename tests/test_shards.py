@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 import pytest
-from shardgen import good_members, jpeg_bytes, write_good_shards, write_shard
+from shardgen import good_members, jpeg_bytes, serve_folder, write_good_shards, write_shard
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.gopen import gopen_schemes
 
@@ -301,18 +301,8 @@ def test_a_local_path_that_looks_like_a_url_is_read_as_a_file(tmp_path, monkeypa
 @pytest.fixture
 def http_root(tmp_path):
     """A loopback HTTP server over tmp_path; yields its base URL."""
-    import functools
-    import http.server
-    import threading
-
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(tmp_path) as url:
+        yield url
 
 
 def test_http_urls_are_read_and_a_missing_one_is_a_counted_skip(tmp_path, http_root):
