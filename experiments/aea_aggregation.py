@@ -20,7 +20,6 @@ import numpy as np
 
 from mmia.attacks import CSA
 from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION, aggregate
-from mmia.attacks.base import cosine
 from mmia.audit import features_of
 from mmia.cache import EmbeddingCache
 from mmia.embed import embed_shards
@@ -48,7 +47,7 @@ def world_scores(root: str, seed: int, views: int) -> dict[str, tuple]:
             records += res.records
             labels += [label] * len(res.records)
         feats = features_of(records, cache, views)
-        per_view = cosine(feats.views, feats.text[:, None, :])
+        per_view = feats.view_cosines  # cached per pair: cos(view k, caption)
         out[protocol] = (np.array(labels), CSA().score(feats), per_view)
     return out
 

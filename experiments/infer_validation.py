@@ -94,9 +94,9 @@ def load_groups(root: str) -> tuple[dict[str, Group], object, str]:
     parts: dict[str, list] = {}
     for split, (views, group) in SPLITS.items():
         result = embed_shards(loaded, pilot.world.urls(split), cache_dir, views=views,
-                              progress=False, keep_images=group != "pool")
+                              progress=False)
         drop_duplicate_content(result)
-        parts.setdefault(group, []).extend(result.records)
+        parts.setdefault(group, []).extend(result.records)  # SampleRecords (with image stats)
     pool_content = {r.image_digest for r in parts["pool"]}  # WSA trains on the pool
     parts["members"] = [r for r in parts["members"] if r.image_digest not in pool_content]
     groups = {}

@@ -7,11 +7,10 @@ beside the attacks. `run_audit` returns an `AuditResult` and neither prints nor 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -19,14 +18,14 @@ import numpy as np
 
 from mmia.attacks import ATTACKS, Attack, Features, make_attack
 from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
-from mmia.attacks.wsa import CLASSIFIERS
+from mmia.attacks.wsa import CLASSIFIERS, FEATURE_SETS
 from mmia.cache import EmbeddingCache
 from mmia.checks import check_attack_settings, check_embed_settings, check_fraction
-from mmia.embed import EmbedResult, SampleRecord, embed_shards
+from mmia.embed import EmbedResult, embed_shards
 from mmia.errors import MmiaError
 from mmia.metrics import evaluate
-from mmia.model import LoadedModel
 from mmia.report import write_outputs
+from mmia.sample_index import ImageLoader, SampleRecord, SampleTable
 from mmia.shards import is_remote, local_path
 
 log = logging.getLogger(__name__)
@@ -48,9 +47,12 @@ class AttackSettings:
     workers: int | None = None
     aea_aggregation: str = DEFAULT_AGGREGATION
     wsa_classifier: str = "mlp"
-    wsa_lambda: float = 1.5
+    wsa_lambda: float | str = "auto"  # or a number; auto: mmia.attacks.wsa's grid search
+    wsa_features: str = "concat"  # or "concat_cos": [image ‖ text ‖ cosine] (Gomez)
     calibration_fraction: float = 0.5
     progress: bool | Callable = False
+    keep_view_features: bool = False
+    threads: int | None = None
 
     def attack_settings(self) -> dict:
         """These settings as keyword arguments (to build another config from them)."""
@@ -80,7 +82,7 @@ class AuditConfig(AttackSettings):
 
     def validate(self) -> None:
         """Refuse settings no audit can run with: one-line MmiaError, before any work."""
-        check_embed_settings(self.views, self.batch_size, self.workers)
+        check_embed_settings(self.views, self.batch_size, self.workers, self.threads)
         check_attack_settings(self.views, self.seed, self.n_bootstrap, self.wsa_lambda)
         check_fraction("--calibration-fraction", self.calibration_fraction)
         check_fraction("target_fpr", self.target_fpr)
@@ -94,6 +96,9 @@ class AuditConfig(AttackSettings):
         if self.wsa_classifier not in CLASSIFIERS:
             raise MmiaError(f"--wsa-classifier {self.wsa_classifier!r} is not one of "
                             f"{', '.join(CLASSIFIERS)}")
+        if self.wsa_features not in FEATURE_SETS:
+            raise MmiaError(f"--wsa-features {self.wsa_features!r} is not one of "
+                            f"{', '.join(FEATURE_SETS)}")
 
 
 @dataclass
@@ -108,7 +113,7 @@ class AuditResult:
     embed: dict[str, EmbedResult]
     wsa_pseudo_member_keys: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
-    evaluation: Features | None = None
+    evaluation: dict | None = None  # for the report: "captions", "image_loader"
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write metrics.json, scores.csv, roc.png and report.html; return their paths."""
@@ -122,7 +127,7 @@ class AttackRun:
     on, which it did not train on (None: no known non-members, or supervised on labels)."""
 
     attack: Attack
-    scores: np.ndarray
+    scores: np.ndarray | None  # None: fitted, not scored yet
     calibration_scores: np.ndarray | None
     n_fit_known_nonmembers: int = 0
 
@@ -135,58 +140,107 @@ def parse_attacks(text: str) -> tuple[str, ...]:
     return names
 
 
-def features_of(records: list[SampleRecord], cache: EmbeddingCache, views: int) -> Features:
-    img = [r.image_digest for r in records]
-    return Features(
-        keys=[r.key for r in records],
-        image=cache.read_image(img, [0])[:, 0] if records else np.empty((0, 0), np.float32),
-        text=cache.read_text([r.caption_digest for r in records])
-        if records else np.empty((0, 0), np.float32),
-        views=cache.read_image(img, range(1, views + 1)) if views and records else None,
-        captions=[r.caption for r in records],
-        image_bytes=[r.image_bytes for r in records],
-        groups=[r.image_digest for r in records],
-    )
+BLOCK_ROWS = 65_536  # evaluation samples whose features are read and scored at once
+
+
+@dataclass
+class RoleSamples:
+    """A role's samples and the cache that holds their features, read in blocks on demand:
+    nothing proportional to the role's size beyond its table is held."""
+
+    table: SampleTable
+    cache: EmbeddingCache
+    views: int = 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def keys(self) -> list[str]:
+        return self.table.key.tolist()
+
+    def features(self, rows: np.ndarray | None = None) -> Features:
+        """Features of the samples at `rows` (all when None)."""
+        t = self.table if rows is None else self.table.take(rows)
+        views = None
+        if self.views:
+            views = self.cache.pairs(self.views).read(t.pair_digest)
+        return Features(keys=t.key.tolist(), image=self.cache.image(0).read(t.image_digest),
+                        text=self.cache.text.read(t.caption_digest), view_cosines=views,
+                        captions=t.caption.tolist(), groups=t.image_digest.tolist(),
+                        image_stats=t.stats)
+
+    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[Features]:
+        for start in range(0, len(self), size):
+            yield self.features(np.arange(start, min(start + size, len(self))))
+
+    def design(self) -> Features:
+        """What the blind baseline reads: captions, image statistics and content groups only."""
+        t, empty = self.table, np.empty((len(self), 0), np.float32)
+        return Features(keys=t.key.tolist(), image=empty, text=empty,
+                        captions=t.caption.tolist(), groups=t.image_digest.tolist(),
+                        image_stats=t.stats)
+
+
+def features_of(records, cache: EmbeddingCache, views: int) -> Features:
+    """All features of a (small) role at once: `RoleSamples(...).features()`."""
+    table = records if isinstance(records, SampleTable) else SampleTable.from_records(records)
+    return RoleSamples(table, cache, views).features()
+
+
+def score_all(attack: Attack, samples: RoleSamples | Features) -> np.ndarray:
+    """The attack's scores of every sample, block by block."""
+    if isinstance(samples, Features):
+        return attack.score(samples)
+    parts = [attack.score(block) for block in samples.blocks()]
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 def drop_duplicate_content(result: EmbedResult) -> None:
     """Keep the first of samples with the same image and caption; count the rest as skips."""
-    seen: set[tuple[str, str]] = set()
-    unique = []
-    for r in result.records:
-        content = (r.image_digest, r.caption_digest)
-        if content not in seen:
-            seen.add(content)
-            unique.append(r)
-    if len(unique) < len(result.records):
-        result.skips["duplicate_content"] += len(result.records) - len(unique)
-        result.records = unique
+    table = result.records
+    if not len(table):
+        return
+    content = np.char.add(table.image_digest, table.caption_digest)
+    _, first = np.unique(content, return_index=True)
+    if len(first) < len(table):
+        result.skips["duplicate_content"] += len(table) - len(first)
+        result.records = table.take(np.sort(first))
 
 
-@functools.lru_cache(maxsize=65536)
-def _shard_identity(url: str) -> str:
-    return url if not url or is_remote(url) else os.path.realpath(local_path(url))
+def _shard_identities(urls: list[str]) -> np.ndarray:
+    return np.array([url if not url or is_remote(url) else os.path.realpath(local_path(url))
+                     for url in urls], dtype=object)
 
 
-def _role_index(records: list[SampleRecord]) -> tuple[dict, dict]:
-    """A role's samples by (shard file, key) and by (image, caption) digest."""
-    return ({(_shard_identity(r.url), r.key): r.key for r in records},
-            {(r.image_digest, r.caption_digest): r.key for r in records})
-
-
-def _overlap(a: list[SampleRecord], index: tuple[dict, dict]) -> list[tuple[str, str, str]]:
-    """Samples of `a` that are also in the indexed role: (key in a, key there, how they match)."""
-    by_key, by_content = index
-    found = []
-    for r in a:
-        other = by_key.get((_shard_identity(r.url), r.key))
-        if other is not None:
-            found.append((r.key, other, "the same shard and key"))
-            continue
-        other = by_content.get((r.image_digest, r.caption_digest))
-        if other is not None:
-            found.append((r.key, other, "the same image and caption"))
+def _same_shard_and_key(a: SampleTable, b: SampleTable) -> np.ndarray:
+    """Which samples of `a` have a sample of `b` with their key in the same shard file."""
+    ids_a, ids_b = _shard_identities(a.urls), _shard_identities(b.urls)
+    found = np.zeros(len(a), bool)
+    for ident in set(ids_a) & set(ids_b):
+        rows_a = np.flatnonzero(np.isin(a.shard, np.flatnonzero(ids_a == ident)))
+        rows_b = np.flatnonzero(np.isin(b.shard, np.flatnonzero(ids_b == ident)))
+        found[rows_a] = np.isin(a.key[rows_a], b.key[rows_b])
     return found
+
+
+def _overlap(a: SampleTable, b: SampleTable) -> tuple[int, int, int, str] | None:
+    """(count, first row of a, its row in b, how they match) for samples of `a` also in `b`:
+    by shard file and key, or by image and caption digest (vectorised)."""
+    content_a = np.char.add(a.image_digest, a.caption_digest)
+    content_b = np.char.add(b.image_digest, b.caption_digest)
+    same_key = _same_shard_and_key(a, b)
+    found = same_key | np.isin(content_a, content_b)
+    if not found.any():
+        return None
+    row = int(np.flatnonzero(found)[0])
+    if same_key[row]:
+        other = int(np.flatnonzero(b.key == a.key[row])[0])
+        how = "the same shard and key"
+    else:
+        other = int(np.flatnonzero(content_b == content_a[row])[0])
+        how = "the same image and caption"
+    return int(found.sum()), row, other, how
 
 
 # (role, other role, why the overlap is an error) for every pair of roles
@@ -208,24 +262,26 @@ ROLE_PAIRS = (
 )
 
 
-def check_roles_disjoint(records: dict[str, list[SampleRecord]],
+def check_roles_disjoint(records: dict[str, SampleTable | list[SampleRecord]],
                          pairs: tuple[tuple[str, str, str], ...] = ROLE_PAIRS) -> None:
     """Raise MmiaError (one line: count and an example) when two roles share a sample, by
     shard file and key or by content. `pairs`: (role, other role, why), default the audit's."""
-    index = {role: _role_index(recs) for role, recs in records.items()}  # each built once
+    tables = {role: recs if isinstance(recs, SampleTable) else SampleTable.from_records(recs)
+              for role, recs in records.items()}
     for role, other, why in pairs:
-        if role not in records or other not in records:
+        if role not in tables or other not in tables:
             continue
-        found = _overlap(records[role], index[other])
+        found = _overlap(tables[role], tables[other])
         if found:
-            key, other_key, how = found[0]
+            count, row, other_row, how = found
+            key, other_key = tables[role].key[row], tables[other].key[other_row]
             name, other_name = (ROLE_NAMES.get(r, r.replace("_", " ")) for r in (role, other))
             raise MmiaError(
-                f"{len(found)} sample(s) of the {name} are also {other_name} "
+                f"{count} sample(s) of the {name} are also {other_name} "
                 f"(e.g. {key!r} has {how} as {other_key!r}): {why}")
 
 
-def check_disjoint(members: list[SampleRecord], nonmembers: list[SampleRecord]) -> None:
+def check_disjoint(members, nonmembers) -> None:
     """Members and non-members share no sample (by shard and key, or by content)."""
     check_roles_disjoint({"members": members, "nonmembers": nonmembers})
 
@@ -242,16 +298,20 @@ def split_known_nonmembers(known: Features, fraction: float,
     return known.subset(np.sort(order[n_cal:])), known.subset(np.sort(order[:n_cal]))
 
 
-def run_attack(name: str, cfg: AuditConfig, feats: dict[str, Features | None],
+def fit_attack(name: str, cfg: AttackSettings, feats: dict,
                labels: np.ndarray) -> AttackRun:
-    """Fit and score one attack; calibrate it on known non-members it did not train on."""
+    """Fit one attack and score the known non-members it did not train on (its calibration);
+    the evaluation set is scored afterwards, by `score_runs` (the blind baseline, supervised on
+    the evaluation labels, gets its cross-validated scores here)."""
     params = {"aea": {"aggregation": cfg.aea_aggregation},
               "wsa": {"classifier": cfg.wsa_classifier, "lam": cfg.wsa_lambda,
+                      "features": cfg.wsa_features,
                       "seed": cfg.seed}}.get(name, {})
     attack = make_attack(name, **params)
     evaluation = feats["evaluation"]
     if "labels" in attack.requires:  # the blind baseline: cross-validated on evaluation labels
-        scores = attack.cross_val_scores(evaluation, labels, seed=cfg.seed)
+        design = evaluation.design() if isinstance(evaluation, RoleSamples) else evaluation
+        scores = attack.cross_val_scores(design, labels, seed=cfg.seed)
         return AttackRun(attack, scores, None)
     known = feats["known_nonmembers"]
     fit_known = calibration = known
@@ -261,7 +321,43 @@ def run_attack(name: str, cfg: AuditConfig, feats: dict[str, Features | None],
     attack.fit(known_nonmembers=fit_known, pool=feats["pool"])
     n_fit = len(fit_known) if attack.learns_from_known_nonmembers else 0
     calibration_scores = attack.score(calibration) if calibration is not None else None
-    return AttackRun(attack, attack.score(evaluation), calibration_scores, n_fit)
+    return AttackRun(attack, None, calibration_scores, n_fit)
+
+
+def score_runs(runs: dict[str, AttackRun], evaluation: RoleSamples | Features) -> dict[str, str]:
+    """Score the evaluation set with every fitted attack that has no scores yet, in ONE pass
+    over its features (block by block); {attack: why} for those that failed (dropped)."""
+    todo = {name: run for name, run in runs.items() if run.scores is None}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in todo}
+    failed: dict[str, str] = {}
+    blocks = [evaluation] if isinstance(evaluation, Features) else evaluation.blocks()
+    for block in blocks if todo else []:
+        for name, run in todo.items():
+            if name in failed:
+                continue
+            try:
+                parts[name].append(run.attack.score(block))
+            except Exception as exc:  # noqa: BLE001 - an attack that cannot score is a note
+                log.debug("attack %s failed", name, exc_info=True)
+                failed[name] = first_line(exc)
+    for name, run in todo.items():
+        if name in failed:
+            del runs[name]
+        else:
+            run.scores = np.concatenate(parts[name]) if parts[name] else np.empty(0)
+    return failed
+
+
+def run_attack(name: str, cfg: AttackSettings, feats: dict, labels: np.ndarray) -> AttackRun:
+    """Fit and score one attack; calibrate it on known non-members it did not train on.
+
+    feats: "evaluation" (RoleSamples, scored in blocks, or Features), "known_nonmembers" and
+    "pool" (Features or None)."""
+    run = fit_attack(name, cfg, feats, labels)
+    failed = score_runs({name: run}, feats["evaluation"])
+    if failed:
+        raise MmiaError(failed[name])
+    return run
 
 
 def skipped_attacks(cfg: AuditConfig, have: dict[str, bool]) -> dict[str, str]:
@@ -290,54 +386,78 @@ def attack_metrics(run: AttackRun, cfg: AuditConfig, labels: np.ndarray) -> dict
         m["n_known_nonmembers"] = run.n_fit_known_nonmembers + len(run.calibration_scores)
     attack = run.attack
     if attack.name == "wsa":
-        m.update(n_pseudo_members=int(attack.n_pseudo_members_),
+        m.update(wsa_lambda=float(attack.lam_), wsa_lambda_auto=attack.auto,
+                 wsa_min_pseudo_members=attack.min_pseudo_members if attack.auto else None,
+                 wsa_features=attack.features,
+                 n_pseudo_members=int(attack.n_pseudo_members_),
                  wsa_threshold=float(attack.threshold_), wsa_known_csa_mean=attack.mu_,
                  wsa_known_csa_std=attack.sigma_, wsa_epochs=attack.epochs_run_)
     return m
 
 
-def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> AuditResult:
-    """Embed every role, run the attacks and evaluate them; writes nothing (see `write`)."""
+def embed_role(loaded, cfg: AttackSettings, role: str, patterns: list[str],
+               views: int) -> EmbedResult:
+    """Embed (or find cached) one role's samples; duplicates by content counted and dropped."""
+    log.info("embedding %s …", role)
+    result = embed_shards(loaded, patterns, cfg.cache, views=views, batch_size=cfg.batch_size,
+                          workers=cfg.workers, progress=cfg.progress,
+                          keep_view_features=cfg.keep_view_features, threads=cfg.threads)
+    drop_duplicate_content(result)
+    log.info("%s: %s", role, result.summary().replace("\n", f"\n{role}: "))
+    return result
+
+
+def role_views(role: str, views: int) -> int:
+    """Views a role needs: none for the pool (only WSA reads it, from view 0)."""
+    return 0 if role == "pool" else views
+
+
+def run_audit(loaded, cfg: AuditConfig, command: str = "") -> AuditResult:
+    """Embed every role, run the attacks and evaluate them; writes nothing (see `write`).
+
+    loaded: a `LoadedModel` or a `mmia.modelref.LazyModel` (built only if something must be
+    embedded)."""
     roles = {r: getattr(cfg, r) for r in ROLES}
     views = cfg.views if "aea" in cfg.attacks else 0
-    keep = "blind" in cfg.attacks
-    embedded: dict[str, EmbedResult] = {}
-    for role, patterns in roles.items():
-        if patterns:
-            log.info("embedding %s …", role)
-            embedded[role] = embed_shards(  # the pool needs no views, only WSA reads it
-                loaded, patterns, cfg.cache, views=0 if role == "pool" else views,
-                batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress,
-                keep_images=keep and role in EVALUATION_ROLES)
-            drop_duplicate_content(embedded[role])
-            log.info("%s: %s", role, embedded[role].summary().replace("\n", f"\n{role}: "))
+    embedded = {role: embed_role(loaded, cfg, role, patterns, role_views(role, views))
+                for role, patterns in roles.items() if patterns}
     members, nonmembers = embedded["members"].records, embedded["nonmembers"].records
-    if not members or not nonmembers:
-        which = "members" if not members else "non-members"
+    if not len(members) or not len(nonmembers):
+        which = "members" if not len(members) else "non-members"
         raise MmiaError(f"no usable {which} in the evaluation set: check the shard patterns "
                         "and the skip counts above")
     check_roles_disjoint({role: r.records for role, r in embedded.items()})
     cache = EmbeddingCache(cfg.cache, loaded.fingerprint)
-    records = members + nonmembers
-    labels = np.array([1] * len(members) + [0] * len(nonmembers))
-    feats: dict[str, Features | None] = {"evaluation": features_of(records, cache, views)}
-    for role, role_views in (("known_nonmembers", views), ("pool", 0)):
-        recs = embedded[role].records if role in embedded else []
-        feats[role] = features_of(recs, cache, role_views) if recs else None
+    records = SampleTable.concat([members, nonmembers])
+    labels = np.r_[np.ones(len(members), np.int64), np.zeros(len(nonmembers), np.int64)]
+    evaluation = RoleSamples(records, cache, views)
+    feats: dict = {"evaluation": evaluation}
+    for role in ("known_nonmembers", "pool"):
+        recs = embedded[role].records if role in embedded else SampleTable.empty()
+        feats[role] = RoleSamples(recs, cache, role_views(role, views)).features() \
+            if len(recs) else None
     have = {"known_nonmembers": feats["known_nonmembers"] is not None,
             "pool": feats["pool"] is not None, "views": views > 0}
     skipped = skipped_attacks(cfg, have)
     notes = [f"attack {name} skipped: it {why}" for name, why in skipped.items()]
-    metrics: dict[str, dict] = {}
-    scores: dict[str, np.ndarray] = {}
-    pseudo_keys: list[str] = []
+    runs: dict[str, AttackRun] = {}
     for name in cfg.attacks:
         if name in skipped:
             continue
         try:
-            run = run_attack(name, cfg, feats, labels)
-            metrics[name] = attack_metrics(run, cfg, labels)
+            runs[name] = fit_attack(name, cfg, feats, labels)
         except Exception as exc:  # noqa: BLE001 - an attack that cannot run becomes a note
+            log.debug("attack %s failed", name, exc_info=True)
+            notes.append(f"attack {name} skipped: {first_line(exc)}")
+    notes += [f"attack {name} skipped: {why}"
+              for name, why in score_runs(runs, evaluation).items()]
+    metrics: dict[str, dict] = {}
+    scores: dict[str, np.ndarray] = {}
+    pseudo_keys: list[str] = []
+    for name, run in runs.items():
+        try:
+            metrics[name] = attack_metrics(run, cfg, labels)
+        except Exception as exc:  # noqa: BLE001
             log.debug("attack %s failed", name, exc_info=True)
             notes.append(f"attack {name} skipped: {first_line(exc)}")
             continue
@@ -346,25 +466,32 @@ def run_audit(loaded: LoadedModel, cfg: AuditConfig, command: str = "") -> Audit
             pseudo_keys = [feats["pool"].keys[i] for i in run.attack.pseudo_member_idx_]
     if not scores:
         raise MmiaError("no attack could run: " + "; ".join(notes))
-    skips = {role: dict(r.skips) for role, r in embedded.items()}
     provenance = {
         "model": {**loaded.description, "fingerprint": loaded.fingerprint},
-        "data": {role: {"patterns": p, "samples": len(embedded[role].records),
-                        "skipped": skips[role], "warnings": dict(embedded[role].warnings),
-                        "skip_examples": embedded[role].skip_examples}
-                 for role, p in roles.items() if p},
-        "skipped": {role: sum(c.values()) for role, c in skips.items()},
+        "data": data_provenance(roles, embedded),
+        "skipped": {role: sum(r.skips.values()) for role, r in embedded.items()},
         "notes": notes,
         "settings": {"seed": cfg.seed, "views": views, "target_fpr": cfg.target_fpr,
                      "n_bootstrap": cfg.n_bootstrap, "aea_aggregation": cfg.aea_aggregation,
                      "wsa_classifier": cfg.wsa_classifier, "wsa_lambda": cfg.wsa_lambda,
+                     "wsa_features": cfg.wsa_features,
                      "calibration_fraction": cfg.calibration_fraction,
                      "augment": cache.augment.__dict__},
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return AuditResult(metrics, scores, labels, [r.key for r in records], notes, embedded,
-                       pseudo_keys, provenance, feats["evaluation"])
+    samples = {"captions": records.caption.tolist(), "image_loader": ImageLoader(records)}
+    return AuditResult(metrics, scores, labels, records.key.tolist(), notes, embedded,
+                       pseudo_keys, provenance, samples)
+
+
+def data_provenance(patterns: dict[str, list[str]], embedded: dict[str, EmbedResult]) -> dict:
+    """Per role: its patterns, samples, skips and warnings (counts and examples), shards."""
+    return {role: {"patterns": patterns[role], "samples": len(r.records),
+                   "skipped": dict(r.skips), "warnings": dict(r.warnings),
+                   "skip_examples": r.skip_examples, "shards": r.shards,
+                   "shards_read": r.shards_read}
+            for role, r in embedded.items()}
 
 
 def format_table(rows: list[tuple[str, str, dict]]) -> str:

@@ -1,7 +1,14 @@
 """Content-keyed embedding cache that verifies what it serves.
 
-Layout: ROOT/<fingerprint>/image/view-000, ROOT/<fingerprint>/image/aug-<cfg>/view-NNN,
-ROOT/<fingerprint>/text. Each store is a folder of immutable segments, segment S being
+Layout: ROOT/<fingerprint>/image/view-000 (image features), ROOT/<fingerprint>/text (caption
+features), ROOT/<fingerprint>/image/aug-<cfg>/pairs-KNNN (AEA's input: for each image–caption
+pair, keyed by `pair_digest`, the K cosines of augmented views 1..K with the caption) and, only
+when asked for (`keep_view_features`), ROOT/<fingerprint>/image/aug-<cfg>/view-NNN (the features
+of augmented view NNN). By default the views' features are not kept: AEA needs only their K
+cosines, and K = 10 views of 10^6 images at d = 512 would be 20 GB. ROOT/samples holds the
+per-shard sample index (`mmia.sample_index`).
+
+Each store is a folder of immutable segments, segment S being
 `S.keys.npy` (content digests), `S.feat.npy` (float32 rows) and `S.seg.json`, its manifest
 (row count, width, file size, SHA-256 of the digests and of the feature data). The data files
 are written under temporary names, fsynced and renamed; the manifest, renamed last, is the
@@ -26,6 +33,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +44,71 @@ import numpy as np
 from mmia.errors import MmiaError
 from mmia.views import AugmentConfig
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: concurrent runs are not locked out there
+    fcntl = None
+
+COMMIT_LOCK = ".embed-commit.lock"
+LOCK_PATIENCE = 5.0  # seconds of waiting for the commit lock before saying so
 DIGEST_DTYPE = "S32"
 FORMAT = 2  # segment format: 1 (mmia 0.1) had no manifest; its segments are ignored
 MANIFEST, KEYS, FEATURES = ".seg.json", ".keys.npy", ".feat.npy"
 QUARANTINE = "quarantine"
 log = logging.getLogger("mmia")
+
+
+def pair_digest(image_digest: str, caption_digest: str) -> str:
+    """The cache identity of an image–caption pair (from its two content digests)."""
+    return hashlib.sha256(f"{image_digest}:{caption_digest}".encode()).hexdigest()[:32]
+
+
+def pair_digests(image_digests: Sequence, caption_digests: Sequence) -> np.ndarray:
+    """`pair_digest` of each pair, as an "S32" array (str or bytes digests)."""
+    def text(d) -> str:
+        return d.decode() if isinstance(d, bytes) else d
+
+    return np.array([pair_digest(text(i), text(c))
+                     for i, c in zip(image_digests, caption_digests, strict=True)], dtype="S32")
+
+
+@contextlib.contextmanager
+def commit_lock(folder: str) -> Iterator[None]:
+    """Exclusive (across processes and threads) while a run commits to the cache `folder`."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, COMMIT_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only cache: the write itself says so
+        yield
+        return
+    try:
+        _acquire(fd, folder)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _acquire(fd: int, folder: str) -> None:
+    """Take the lock, saying so when another run holds it for long; where the file system has
+    no locks, go on without (the lock only prevents duplicate work, never wrong features)."""
+    if fcntl is None:
+        return
+    waited, said = 0.0, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: e.g. some network file systems
+            log.warning("cache %s: no file locks here (%s); concurrent runs may repeat work",
+                        folder, exc.strerror)
+            return
+        if waited >= LOCK_PATIENCE and not said:
+            log.info("waiting for the cache lock in %s, held by another mmia run", folder)
+            said = True
+        time.sleep(0.05)
+        waited += 0.05
 
 
 class CacheMiss(MmiaError, KeyError):
@@ -55,6 +124,10 @@ class CacheWriteError(MmiaError):
 
 class BadSegment(Exception):
     """A segment failed a check; its message is the reason recorded in quarantine."""
+
+
+class SegmentGone(Exception):
+    """A segment was removed since it was indexed (merged by a compaction): look again."""
 
 
 CORRUPT = (ValueError, EOFError, KeyError, TypeError, OverflowError, RecursionError)
@@ -82,6 +155,33 @@ def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
 
+SEGMENT_BYTES = 256 << 20  # compaction merges small segments into ones of about this size
+COMPACT_AFTER = 64  # small segments a store may have before an embed run compacts it
+VERIFY_BLOCK_BYTES = 16 << 20  # feature data is checked in reads of this size (not mapped)
+
+
+def _check_data(path: str, offset: int, shape: tuple[int, int], sha256: str) -> None:
+    """The data of a feature file hashes to `sha256` and holds only finite numbers; read in
+    blocks, so checking a segment of any size holds 16 MB, not the segment, in memory."""
+    h = hashlib.sha256()
+    rows_per_block = max(1, VERIFY_BLOCK_BYTES // (4 * shape[1]))
+    bad_rows = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, shape[0], rows_per_block):
+            rows = min(rows_per_block, shape[0] - start)
+            data = f.read(rows * shape[1] * 4)
+            if len(data) != rows * shape[1] * 4:
+                raise BadSegment("feature file shorter than its header says")
+            h.update(data)
+            block = np.frombuffer(data, np.float32).reshape(rows, shape[1])
+            bad_rows += int((~np.isfinite(block).all(axis=1)).sum())
+    if h.hexdigest() != sha256:
+        raise BadSegment("feature data checksum mismatch")
+    if bad_rows:
+        raise BadSegment(f"{bad_rows} rows hold NaN or inf")
+
+
 def _fsync_save(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
@@ -97,44 +197,89 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                 0x27D4EB2F165667C5], np.uint64)
+
+
+def key_hash(keys: np.ndarray) -> np.ndarray:
+    """A 64-bit mix of each 32-byte digest (vectorised): what the index sorts and searches by;
+    integer comparisons are ~10× faster than 32-byte string ones. Equal hashes are checked
+    against the digests, so a collision costs time, never a wrong row."""
+    words = np.ascontiguousarray(keys, dtype=DIGEST_DTYPE).view(np.uint64).reshape(-1, 4)
+    with np.errstate(over="ignore"):
+        h = (words * _MIX).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(29)
+    return h
+
+
 class _SortedRuns:
-    """digest → (segment, row) as sorted runs, each at least twice the size of the next.
+    """digest → (segment, row) as runs sorted by `key_hash`, each at least twice the size of
+    the next.
 
     Adding m digests costs O(m log n) amortised (runs merge geometrically), a lookup
-    O(log² n): nothing is re-sorted in proportion to what is already cached. Where a digest
-    is in several segments, the one added first is found. 40 bytes per digest.
+    O(log² n) integer comparisons: nothing is re-sorted in proportion to what is already
+    cached. Where a digest is in several segments, the one added first is found. 48 bytes per
+    digest.
     """
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # (hashes sorted, digests, segments, rows), aligned
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add(self, keys: np.ndarray, segment: int) -> None:
-        order = np.argsort(keys, kind="stable")
-        run = (keys[order], np.full(len(keys), segment, np.int32), order.astype(np.int32))
+        hashes = key_hash(keys)
+        order = np.argsort(hashes, kind="stable")
+        run = (hashes[order], keys[order], np.full(len(keys), segment, np.int32),
+               order.astype(np.int32))
         while self.runs and len(self.runs[-1][0]) < 2 * len(run[0]):
             older = self.runs.pop()
             merged = [np.concatenate([a, b]) for a, b in zip(older, run, strict=True)]
             order = np.argsort(merged[0], kind="stable")  # stable: the older entry stays first
-            run = (merged[0][order], merged[1][order], merged[2][order])
+            run = tuple(column[order] for column in merged)
         self.runs.append(run)
+
+    def collapse(self) -> None:
+        """Merge every run into one (oldest entries first): one search per lookup instead of one
+        per run. For an index built in one go (a process opening a cache), where it costs one
+        more sort of what was just read; incremental adds keep merging geometrically."""
+        if len(self.runs) > 1:
+            merged = [np.concatenate(columns) for columns in zip(*self.runs, strict=True)]
+            order = np.argsort(merged[0], kind="stable")
+            self.runs = [tuple(column[order] for column in merged)]
 
     def locate(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(segment, row) of each digest; segment -1 where absent."""
+        hashes = key_hash(query)
+        order = np.argsort(hashes)  # sorted needles: each search starts near the last one's end
+        query, hashes = query[order], hashes[order]
         segment = np.full(len(query), -1, np.int64)
         row = np.zeros(len(query), np.int64)
-        for keys, segs, rows in self.runs:
+        for run_hashes, keys, segs, rows in self.runs:
             todo = np.nonzero(segment < 0)[0]
             if not len(todo):
                 break
-            pos = np.minimum(np.searchsorted(keys, query[todo]), len(keys) - 1)
-            hit = keys[pos] == query[todo]
+            pos = np.minimum(np.searchsorted(run_hashes, hashes[todo]), len(keys) - 1)
+            same_hash = run_hashes[pos] == hashes[todo]
+            hit = same_hash.copy()  # digests compared only where the hashes agree
+            hit[same_hash] = keys[pos[same_hash]] == query[todo[same_hash]]
+            for i in np.flatnonzero(same_hash & ~hit):  # a hash collision: look past it
+                p = pos[i] + 1
+                while p < len(keys) and run_hashes[p] == hashes[todo[i]]:
+                    if keys[p] == query[todo[i]]:
+                        pos[i], hit[i] = p, True
+                        break
+                    p += 1
             segment[todo[hit]], row[todo[hit]] = segs[pos[hit]], rows[pos[hit]]
-        return segment, row
+        out_segment, out_row = np.empty_like(segment), np.empty_like(row)
+        out_segment[order], out_row[order] = segment, row
+        return out_segment, out_row
 
     def unique_count(self) -> int:
         if not self.runs:
             return 0
-        return len(np.unique(np.concatenate([keys for keys, _, _ in self.runs])))
+        return len(np.unique(np.concatenate([run[1] for run in self.runs])))
 
 
 @dataclass
@@ -200,10 +345,13 @@ class FeatureStore:
         checked = {s.name: s.verified_as for s in self._segments}
         if not checked.keys() <= set(listed):  # a segment was quarantined: index anew
             self._segments, self._seen, self._index = [], set(), _SortedRuns()
+        from_scratch = not self._segments
         for name in listed:
             if name not in self._seen:
                 self._seen.add(name)
                 self._open(name, checked.get(name))
+        if from_scratch:
+            self._index.collapse()
         return self
 
     def _path(self, name: str, suffix: str) -> str:
@@ -259,6 +407,8 @@ class FeatureStore:
             st = os.stat(path)
             feat = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
+            if not os.path.exists(self._path(segment.name, MANIFEST)):
+                raise SegmentGone(segment.name) from None
             raise BadSegment("feature file missing") from None
         except CORRUPT as exc:
             raise BadSegment(f"unreadable feature file ({str(exc)[:60]})") from None
@@ -269,26 +419,43 @@ class FeatureStore:
             if feat.dtype != np.float32 or feat.shape != expected:
                 raise BadSegment(f"feature file holds {feat.shape} {feat.dtype}, "
                                  f"manifest {expected} float32")
-            if _sha256(feat) != manifest["feat_sha256"]:
-                raise BadSegment("feature data checksum mismatch")
-            bad_rows = int((~np.isfinite(feat).all(axis=1)).sum())
-            if bad_rows:
-                raise BadSegment(f"{bad_rows} rows hold NaN or inf")
+            try:
+                _check_data(path, int(feat.offset), expected, manifest["feat_sha256"])
+            except FileNotFoundError:  # removed since it was opened: merged, or damaged
+                if not os.path.exists(self._path(segment.name, MANIFEST)):
+                    raise SegmentGone(segment.name) from None
+                raise BadSegment("feature file missing") from None
             _VERIFIED.add(identity)
         segment.verified_as = identity
         return feat
+
+    def _unchanged(self, seg: int) -> bool:
+        """Whether the segment's feature file is the one checked before (one stat)."""
+        segment = self._segments[seg]
+        if segment.verified_as is None:
+            return False
+        try:
+            st = os.stat(segment.verified_as[0])
+        except OSError:
+            return False
+        return segment.verified_as == (segment.verified_as[0], st.st_ino, st.st_size,
+                                       st.st_mtime_ns)
 
     def _usable(self, segments: np.ndarray) -> bool:
         """Verify these segments; quarantine failures. False if any failed (index rebuilt)."""
         ok = True
         for seg in np.unique(segments[segments >= 0]):
-            if self._segments[seg].verified_as is not None:  # `read` checks the file's identity
+            if self._unchanged(int(seg)):
                 continue
             try:
                 self._features(int(seg))
             except BadSegment as exc:
                 self._quarantine(self._segments[seg].name, str(exc))
                 ok = False
+            except SegmentGone:
+                self._segments, self._seen, self._index = [], set(), _SortedRuns()
+                ok = False
+                break
         if not ok:
             self.refresh()
         return ok
@@ -332,7 +499,7 @@ class FeatureStore:
         return self._index.unique_count()
 
     def digests(self) -> set[str]:
-        return {k.decode() for run in self._index.runs for k in np.unique(run[0])}
+        return {k.decode() for run in self._index.runs for k in np.unique(run[1])}
 
     def contains(self, digests: Sequence[str]) -> np.ndarray:
         """Whether each digest is cached in a segment that passes its checks."""
@@ -421,20 +588,87 @@ class FeatureStore:
                         "is another program writing into the cache?")
 
     def _gather(self, segment: np.ndarray, row: np.ndarray) -> np.ndarray | None:
-        """The located rows; None if a segment turned out bad (it is quarantined)."""
+        """The located rows; None if a segment turned out bad (it is quarantined).
+
+        O(n log n) in the rows asked for, whatever the number of segments."""
         out = np.empty((len(segment), 0), np.float32)
-        for seg in np.unique(segment):
-            rows = np.nonzero(segment == seg)[0]
+        order = np.argsort(segment, kind="stable")
+        bounds = np.flatnonzero(np.diff(segment[order])) + 1
+        for rows in np.split(order, bounds) if len(order) else []:
+            seg = int(segment[rows[0]])
             try:
-                feat = self._features(int(seg))
+                feat = self._features(seg)
             except BadSegment as exc:  # changed since it was checked: never serve it
                 self._quarantine(self._segments[seg].name, str(exc))
                 self.refresh()
                 return None
+            except SegmentGone:  # merged into another segment meanwhile: index anew
+                self._segments, self._seen, self._index = [], set(), _SortedRuns()
+                self.refresh()
+                return None
             if out.shape[1] == 0:
                 out = np.empty((len(segment), feat.shape[1]), np.float32)
-            out[rows] = feat[row[rows]]
+            wanted = row[rows]
+            if len(wanted) > 1 and (np.diff(wanted) == 1).all():  # a run: one slice, no gather
+                out[rows] = feat[wanted[0]: wanted[-1] + 1]
+            else:
+                out[rows] = feat[wanted]
+            del feat  # unmap now: resident pages stay bounded by what one call reads
         return out
+
+    def small_segments(self, target_bytes: int = SEGMENT_BYTES) -> list[int]:
+        """Segments below half `target_bytes` of feature data (what compaction merges)."""
+        return [i for i, s in enumerate(self._segments)
+                if int(s.manifest["feat_bytes"]) < target_bytes // 2]
+
+    def compact(self, target_bytes: int = SEGMENT_BYTES) -> tuple[int, int]:
+        """Merge the small segments into segments of about `target_bytes` each; (segments
+        merged, segments written). Call under the cache's commit lock.
+
+        As crash-safe as a commit: each merged segment is committed (manifest last) before the
+        segments it replaces are removed (manifest first). A kill in between leaves a digest in
+        two segments with the same features, which the index serves once; the next compaction
+        removes the copy. A reader that indexed a removed segment looks the digests up again.
+        """
+        self.refresh()
+        if not self._usable(np.array(self.small_segments(target_bytes), np.int64)):
+            self.refresh()  # bad ones were quarantined: never merged into a good segment
+        small = self.small_segments(target_bytes)
+        if len(small) < 2:
+            return 0, 0
+        batches, current, size = [], [], 0
+        for seg in small:
+            current.append(seg)
+            size += int(self._segments[seg].manifest["feat_bytes"])
+            if size >= target_bytes:
+                batches.append(current)
+                current, size = [], 0
+        if len(current) > 1 or (current and batches):
+            batches.append(current)
+        merged = written = 0
+        for batch in batches:
+            if len(batch) < 2:
+                continue
+            names = [self._segments[s].name for s in batch]
+            keys = np.concatenate([self._read_head(n)[1] for n in names])
+            feats = np.concatenate([np.asarray(self._features(s)) for s in batch])
+            _, first = np.unique(keys, return_index=True)
+            first.sort()
+            self._commit(f"{len(self._segments):08d}-{uuid.uuid4().hex[:8]}", keys[first],
+                         feats[first])
+            for name in names:
+                self._remove(name)
+            merged += len(batch)
+            written += 1
+        self._segments, self._seen, self._index = [], set(), _SortedRuns()
+        self.refresh()
+        return merged, written
+
+    def _remove(self, name: str) -> None:
+        """Delete a segment that a merged one replaces (manifest first: it stops being served)."""
+        for suffix in (MANIFEST, KEYS, FEATURES):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._path(name, suffix))
 
     def verify_all(self) -> tuple[int, int]:
         """Check every segment's data now, whatever was checked before; (segments, rows) that
@@ -447,6 +681,25 @@ class FeatureStore:
         return len(self._segments), sum(int(s.manifest["rows"]) for s in self._segments)
 
 
+_OPEN = threading.local()  # per thread (store objects are not thread-safe): by real folder
+
+
+def _open_stores() -> dict[str, FeatureStore]:
+    if not hasattr(_OPEN, "stores"):
+        _OPEN.stores = {}
+    return _OPEN.stores
+
+
+def open_store(folder: str) -> FeatureStore:
+    """This thread's store object for `folder`, refreshed: segments already indexed by an
+    earlier `EmbeddingCache` (another role, another step) are not read again."""
+    stores, key = _open_stores(), os.path.realpath(folder)
+    store = stores.get(key)
+    if store is None or store.folder != folder:
+        store = stores[key] = FeatureStore(folder)
+    return store.refresh()
+
+
 class EmbeddingCache:
     """All cached features of one model fingerprint: image views and captions."""
 
@@ -455,8 +708,9 @@ class EmbeddingCache:
         self.fingerprint = fingerprint
         self.augment = augment or AugmentConfig()
         self.folder = os.path.join(root, fingerprint)
-        self.text = FeatureStore(os.path.join(self.folder, "text")).refresh()
+        self.text = open_store(os.path.join(self.folder, "text"))
         self._views: dict[int, FeatureStore] = {}
+        self._pairs: dict[int, FeatureStore] = {}
 
     def view_folder(self, view: int) -> str:
         if view == 0:
@@ -464,20 +718,30 @@ class EmbeddingCache:
         aug = f"aug-{self.augment.digest()}"
         return os.path.join(self.folder, "image", aug, f"view-{view:03d}")
 
+    def pairs_folder(self, views: int) -> str:
+        return os.path.join(os.path.dirname(self.view_folder(1)), f"pairs-K{views:03d}")
+
     def image(self, view: int) -> FeatureStore:
         if view not in self._views:
-            self._views[view] = FeatureStore(self.view_folder(view)).refresh()
+            self._views[view] = open_store(self.view_folder(view))
         return self._views[view]
 
+    def pairs(self, views: int) -> FeatureStore:
+        """The store of the K = `views` augmented-view cosines of each pair (by `pair_digest`)."""
+        if views not in self._pairs:
+            self._pairs[views] = open_store(self.pairs_folder(views))
+        return self._pairs[views]
+
+    def _stores(self) -> list[FeatureStore]:
+        return [self.text, *self._views.values(), *self._pairs.values()]
+
     def refresh(self) -> None:
-        self.text.refresh()
-        for store in self._views.values():
+        for store in self._stores():
             store.refresh()
 
     def refresh_if_changed(self) -> None:
         """Refresh the stores whose folders changed (a stat each): for per-chunk use."""
-        self.text.refresh_if_changed()
-        for store in self._views.values():
+        for store in self._stores():
             store.refresh_if_changed()
 
     def writable(self) -> bool:
@@ -561,9 +825,59 @@ class CacheReport:
 def _store_folders(root: str) -> Iterator[str]:
     for folder, dirs, files in os.walk(root):
         quarantine = QUARANTINE in dirs
-        dirs[:] = sorted(d for d in dirs if d != QUARANTINE)
+        dirs[:] = sorted(d for d in dirs if d not in (QUARANTINE, "samples", "models"))
         if quarantine or any(f.endswith((MANIFEST, KEYS, FEATURES)) or ".tmp-" in f for f in files):
             yield folder
+
+
+@dataclass
+class StoreInfo:
+    folder: str
+    segments: int
+    rows: int
+    feature_bytes: int
+    small_segments: int
+
+
+def _manifests(folder: str) -> list[dict]:
+    """The manifests of a store's committed segments (small JSON files: no data is read)."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(MANIFEST):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    out.append(_checked_manifest(json.load(f)))
+            except (OSError, BadSegment, *CORRUPT):
+                continue  # `mmia cache verify` says what is wrong with it
+    return out
+
+
+def cache_info(root: str) -> list[StoreInfo]:
+    """Every store under `root`: segments, rows, bytes, small segments (manifests only)."""
+    if not os.path.isdir(root):
+        raise MmiaError(f"cache folder {root!r} does not exist: pass the --cache of an embed run")
+    out = []
+    for folder in _store_folders(root):
+        manifests = _manifests(folder)
+        sizes = [int(m["feat_bytes"]) for m in manifests]
+        out.append(StoreInfo(os.path.relpath(folder, root), len(manifests),
+                             sum(int(m["rows"]) for m in manifests), sum(sizes),
+                             sum(1 for s in sizes if s < SEGMENT_BYTES // 2)))
+    return out
+
+
+def compact_cache(root: str, target_bytes: int = SEGMENT_BYTES) -> tuple[int, int]:
+    """Compact every store under `root` that has small segments, under its cache's commit lock;
+    (segments merged, segments written)."""
+    merged = written = 0
+    for info in cache_info(root):
+        if info.small_segments < 2:
+            continue
+        folder = os.path.join(root, info.folder)
+        with commit_lock(os.path.join(root, info.folder.split(os.sep)[0])):
+            m, w = FeatureStore(folder).compact(target_bytes)
+        merged, written = merged + m, written + w
+    return merged, written
 
 
 def verify_cache(root: str) -> CacheReport:

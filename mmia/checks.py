@@ -12,6 +12,7 @@ import numbers
 from mmia.errors import MmiaError
 
 MAX_SEED = 2**32 - 1  # numpy's seeds (RandomState, default_rng) are 32-bit unsigned
+WSA_AUTO = "auto"  # --wsa-lambda auto: WSA picks λ from Ko et al.'s grid (mmia.attacks.wsa)
 
 
 def check_int(flag: str, value: object, low: int, high: int | None = None) -> None:
@@ -42,12 +43,16 @@ def check_seed(value: object, flag: str = "--seed") -> None:
     check_int(flag, value, 0, MAX_SEED)
 
 
-def check_embed_settings(views: object, batch_size: object, workers: object) -> None:
-    """What every embedding run needs: views ≥ 0, batch size ≥ 1, workers ≥ 0 (or None)."""
+def check_embed_settings(views: object, batch_size: object, workers: object,
+                         threads: object = None) -> None:
+    """What every embedding run needs: views ≥ 0, batch size ≥ 1, workers ≥ 0 and threads ≥ 1
+    (or None: the defaults)."""
     check_int("--views", views, 0)
     check_int("--batch-size", batch_size, 1)
     if workers is not None:
         check_int("--workers", workers, 0)
+    if threads is not None:
+        check_int("--threads", threads, 1)
 
 
 def check_attack_settings(views: object, seed: object, n_bootstrap: object,
@@ -56,7 +61,27 @@ def check_attack_settings(views: object, seed: object, n_bootstrap: object,
     check_int("--views", views, 0)
     check_seed(seed)
     check_int("--bootstrap", n_bootstrap, 0)
-    check_finite("--wsa-lambda", wsa_lambda)
+    check_wsa_lambda(wsa_lambda)
+
+
+def check_wsa_lambda(value: object) -> None:
+    """`value` is "auto" or a finite number."""
+    if value == WSA_AUTO and isinstance(value, str):
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value):
+        raise MmiaError(f"--wsa-lambda must be {WSA_AUTO!r} or a finite number, got {value!r}")
+
+
+def wsa_lambda(text: str) -> float | str:
+    """An argparse type for --wsa-lambda: "auto" (any case) or a number; other text passes
+    through, for `check_wsa_lambda` to refuse in one line rather than argparse's usage."""
+    if text.strip().lower() == WSA_AUTO:
+        return WSA_AUTO
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def integer(text: str) -> int:

@@ -1,4 +1,6 @@
-"""Command line: `mmia embed`, `mmia audit`, `mmia infer`, `mmia pilot`, `mmia cache verify`.
+"""Command line: `mmia embed`, `audit`, `infer`, `pilot`, `cache verify`, `data` (sets, downloads).
+
+`mmia data sample|dedup|after|pool|download` (mmia/data/cli.py) builds audit sets from metadata.
 
 The one module that parses arguments and prints; every command is a Python API underneath
 (`mmia.embed.embed_shards`, `mmia.audit.run_audit`, `mmia.infer.run_inference`,
@@ -18,7 +20,8 @@ import signal
 import sys
 from collections.abc import Iterator
 
-from mmia.checks import check_embed_settings, integer
+from mmia.checks import WSA_AUTO, check_embed_settings, integer, wsa_lambda
+from mmia.data.cli import add_data_parser
 from mmia.errors import MmiaError
 
 DEFAULT_ATTACKS = "csa,aea,wsa,blind"
@@ -36,6 +39,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=integer, default=32)
     p.add_argument("--workers", type=integer, default=None,
                    help="DataLoader workers (default 1)")
+    p.add_argument("--threads", type=integer, default=None,
+                   help="torch CPU threads (default: the cores the workers leave, at least 1)")
+    p.add_argument("--keep-view-features", action="store_true",
+                   help="also cache each augmented view's features (AEA needs only their "
+                        "cosines, which are always cached; views × 2 KB per image at d=512)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -48,6 +56,20 @@ def add_embed_parser(sub) -> None:
     p.add_argument("--views", type=integer, default=0,
                    help="augmented views per image for AEA")
     p.set_defaults(func=cli_embed)
+
+
+def add_wsa_args(p: argparse.ArgumentParser, default_lambda: float | str = WSA_AUTO) -> None:
+    """--wsa-lambda and --wsa-features, shared by audit, pilot and infer."""
+    from mmia.attacks.wsa import FEATURE_SETS, MIN_PSEUDO_MEMBERS
+
+    p.add_argument("--wsa-lambda", type=wsa_lambda, default=default_lambda,
+                   help="pseudo-member threshold μ + λσ of known non-members' CSA: a number, "
+                        "or auto (default): the paper's 1.5 if it selects at least "
+                        f"{MIN_PSEUDO_MEMBERS} pool samples, else the largest λ of Ko et "
+                        "al.'s grid 0.5, 0, -0.5, -1.5, -2.5 that does")
+    p.add_argument("--wsa-features", default="concat", choices=FEATURE_SETS,
+                   help="WSA classifier input: concat = [image ‖ text] (paper, default), "
+                        "concat_cos = [image ‖ text ‖ cosine] (Gomez)")
 
 
 def add_audit_parser(sub) -> None:
@@ -68,8 +90,7 @@ def add_audit_parser(sub) -> None:
     p.add_argument("--views", type=integer, default=10, help="augmented views for AEA (K)")
     p.add_argument("--aea-aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS,
                    help=f"how AEA combines its views (default {DEFAULT_AGGREGATION}; README)")
-    p.add_argument("--wsa-lambda", type=float, default=1.5,
-                   help="pseudo-member threshold μ + λσ of known non-members' CSA (paper: 1.5)")
+    add_wsa_args(p)
     p.add_argument("--wsa-classifier", default="mlp", choices=["mlp", "logreg"])
     p.add_argument("--calibration-fraction", type=float, default=0.5,
                    help="share of the known non-members held out of WSA's training to set "
@@ -80,9 +101,9 @@ def add_audit_parser(sub) -> None:
 
 def add_pilot_parser(sub) -> None:
     from mmia.pilot import PILOT_WSA_LAMBDA
-    from mmia.world import TrainConfig, WorldConfig
+    from mmia.world.synthetic import WorldConfig
 
-    world, train = WorldConfig(), TrainConfig()
+    world = WorldConfig()
     p = sub.add_parser("pilot", help="run the default study on the synthetic pilot world")
     p.add_argument("--root", default=".mmia/pilot", help="where the world, models, cache live")
     p.add_argument("--out", default="mmia-out/pilot")
@@ -90,15 +111,14 @@ def add_pilot_parser(sub) -> None:
     p.add_argument("--views", type=integer, default=10)
     p.add_argument("--seed", type=integer, default=0, help="attack and bootstrap seed")
     p.add_argument("--bootstrap", type=integer, default=1000)
-    p.add_argument("--wsa-lambda", type=float, default=PILOT_WSA_LAMBDA,
-                   help="pseudo-member threshold μ + λσ (default 0.5 here: the known non-members' "
-                        "cosines are skewed and at the paper's 1.5 μ + λσ exceeds 1)")
+    add_wsa_args(p, PILOT_WSA_LAMBDA)
     g = p.add_argument_group("world and target (a new combination builds a new world)")
     g.add_argument("--world-seed", type=integer, default=world.seed,
                    help="seed of the world and of the target's training")
     g.add_argument("--members", type=integer, default=world.n_members,
                    help="target training-set size")
-    g.add_argument("--epochs", type=integer, default=train.epochs)
+    g.add_argument("--epochs", type=integer, default=None,
+                   help="training epochs of the target (default 15)")
     g.add_argument("--idio-strength", type=float, default=world.idio_strength,
                    help="weight of each image's memorisable texture (0 = none)")
     g.add_argument("--model-config", help="open_clip model-config JSON of the target "
@@ -110,12 +130,21 @@ def add_pilot_parser(sub) -> None:
 
 
 def add_cache_parser(sub) -> None:
+    from mmia.cache import COMPACT_AFTER
+
     p = sub.add_parser("cache", help="inspect an embedding cache")
     actions = p.add_subparsers(dest="action", required=True)
     verify = actions.add_parser("verify", help="check every segment; quarantine bad ones "
                                 "(exit 1 when any was bad: its samples are embedded again)")
     verify.add_argument("--cache", required=True, help="embedding cache folder")
     verify.set_defaults(func=cli_cache_verify)
+    info = actions.add_parser("info", help="stores, segments, rows and bytes (reads no data)")
+    info.add_argument("--cache", required=True, help="embedding cache folder")
+    info.set_defaults(func=cli_cache_info)
+    compact = actions.add_parser("compact", help="merge small segments (crash-safe; embed "
+                                 f"runs do it once a store has {COMPACT_AFTER} small ones)")
+    compact.add_argument("--cache", required=True, help="embedding cache folder")
+    compact.set_defaults(func=cli_cache_compact)
 
 
 def add_infer_parser(sub) -> None:
@@ -143,8 +172,7 @@ def add_infer_parser(sub) -> None:
     p.add_argument("--seed", type=integer, default=0, help="from 0 to 2**32 - 1")
     p.add_argument("--views", type=integer, default=10, help="augmented views for AEA (K)")
     p.add_argument("--aea-aggregation", default=DEFAULT_AGGREGATION, choices=AGGREGATIONS)
-    p.add_argument("--wsa-lambda", type=float, default=1.5,
-                   help="pseudo-member threshold μ + λσ of known non-members' CSA (paper: 1.5)")
+    add_wsa_args(p)
     p.add_argument("--wsa-classifier", default="mlp", choices=CLASSIFIERS)
     p.add_argument("--calibration-fraction", type=float, default=0.5,
                    help="share of the known non-members held out of WSA's training; its "
@@ -160,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pilot_parser(sub)
     add_cache_parser(sub)
     add_infer_parser(sub)
+    add_data_parser(sub)
     return parser
 
 
@@ -197,39 +226,47 @@ def check_run_inputs(device: str, cfg, roles) -> None:
 
 
 def check_device(device: str) -> None:
-    """Refuse a --device mmia cannot embed on before any shard is read."""
+    """Refuse a --device mmia cannot embed on before any shard is read (torch is imported only
+    for devices other than auto and cpu)."""
+    if device in ("auto", "cpu"):
+        return
     from mmia.model import resolve_device
 
     resolve_device(device)
 
 
 def _load(args: argparse.Namespace):
-    from mmia.model import load_model
+    """The model, built only when something must be embedded (`mmia.modelref.LazyModel`)."""
+    from mmia.modelref import LazyModel, ModelRequest
 
-    loaded = load_model(args.model, args.pretrained, args.model_config, args.device,
-                        args.precision, quick_gelu=args.quick_gelu)
-    logging.getLogger("mmia").info("model %s fingerprint %s on %s", loaded.name,
-                                   loaded.fingerprint, loaded.device)
-    return loaded
+    request = ModelRequest(args.model, args.pretrained, args.model_config, args.device,
+                           args.precision, args.quick_gelu)
+    return LazyModel(request, getattr(args, "cache", None))
 
 
 def cli_embed(args: argparse.Namespace) -> int:
+    from mmia.distributed import embed_in_shares, is_main, setup_rank
     from mmia.embed import embed_shards
     from mmia.shards import expand_patterns
 
-    check_embed_settings(args.views, args.batch_size, args.workers)
+    check_embed_settings(args.views, args.batch_size, args.workers, args.threads)
     check_device(args.device)
     expand_patterns(args.shards)  # fail on bad patterns before loading a model
     ensure_cache_dir(args.cache)
-    result = embed_shards(_load(args), args.shards, args.cache, views=args.views,
-                          batch_size=args.batch_size, workers=args.workers,
-                          progress=not args.no_progress)
-    print(result.summary())
+    args.device = setup_rank(args.device)  # under torchrun: this rank's GPU; else as given
+    loaded = _load(args)
+    result = embed_in_shares(lambda share: embed_shards(
+        loaded, args.shards, args.cache, views=args.views, batch_size=args.batch_size,
+        workers=args.workers, progress=not args.no_progress and is_main(), shard_share=share,
+        keep_view_features=args.keep_view_features, threads=args.threads))
+    if result is not None:  # None: a torchrun rank other than 0 (rank 0 reports the sum)
+        print(result.summary())
     return 0
 
 
 def cli_audit(args: argparse.Namespace) -> int:
     from mmia.audit import ROLES, AuditConfig, format_table, parse_attacks, run_audit
+    from mmia.distributed import embed_config_in_shares, setup_rank
     from mmia.report import console_notes
 
     cfg = AuditConfig(  # validates every setting: one line before any work
@@ -239,9 +276,15 @@ def cli_audit(args: argparse.Namespace) -> int:
         seed=args.seed, n_bootstrap=args.bootstrap, batch_size=args.batch_size,
         workers=args.workers, aea_aggregation=args.aea_aggregation,
         wsa_classifier=args.wsa_classifier, wsa_lambda=args.wsa_lambda,
-        calibration_fraction=args.calibration_fraction, progress=not args.no_progress)
+        wsa_features=args.wsa_features,
+        calibration_fraction=args.calibration_fraction, progress=not args.no_progress,
+        keep_view_features=args.keep_view_features, threads=args.threads)
     check_run_inputs(args.device, cfg, ROLES)
-    result = run_audit(_load(args), cfg, args.command_line)
+    args.device = setup_rank(args.device)  # under torchrun: this rank's GPU; else as given
+    loaded = _load(args)
+    if not embed_config_in_shares(loaded, cfg):  # torchrun: every rank embeds its share
+        return 0  # rank 0 alone runs the attacks and writes the outputs
+    result = run_audit(loaded, cfg, args.command_line)
     for note in result.notes:
         print(note, file=sys.stderr)
     result.write(cfg.out)
@@ -258,7 +301,8 @@ def cli_pilot(args: argparse.Namespace) -> int:
 
     settings = PilotSettings(attacks=parse_attacks(args.attacks), views=args.views,
                              seed=args.seed, n_bootstrap=args.bootstrap,
-                             wsa_lambda=args.wsa_lambda, progress=not args.no_progress)
+                             wsa_lambda=args.wsa_lambda, wsa_features=args.wsa_features,
+                             progress=not args.no_progress)
     world_cfg, train_cfg = pilot_configs(args.members, args.epochs, args.world_seed,
                                          args.idio_strength, args.shift_strength)
     if args.model_config and not os.path.isfile(args.model_config):
@@ -271,6 +315,7 @@ def cli_pilot(args: argparse.Namespace) -> int:
 
 
 def cli_infer(args: argparse.Namespace) -> int:
+    from mmia.distributed import embed_config_in_shares, setup_rank
     from mmia.infer import OUTPUTS, ROLES, InferConfig, console_lines, parse_attacks, run_inference
 
     cfg = InferConfig(  # validates every setting: one line before any work
@@ -279,10 +324,16 @@ def cli_infer(args: argparse.Namespace) -> int:
         out=args.out, views=args.views, seed=args.seed, target_fpr=args.target_fpr,
         alpha=args.alpha, batch_size=args.batch_size, workers=args.workers,
         aea_aggregation=args.aea_aggregation, wsa_classifier=args.wsa_classifier,
-        wsa_lambda=args.wsa_lambda, calibration_fraction=args.calibration_fraction,
-        progress=not args.no_progress)
+        wsa_lambda=args.wsa_lambda, wsa_features=args.wsa_features,
+        calibration_fraction=args.calibration_fraction,
+        progress=not args.no_progress, keep_view_features=args.keep_view_features,
+        threads=args.threads)
     check_run_inputs(args.device, cfg, ROLES)
-    result = run_inference(_load(args), cfg, args.command_line)
+    args.device = setup_rank(args.device)  # under torchrun: this rank's GPU; else as given
+    loaded = _load(args)
+    if not embed_config_in_shares(loaded, cfg):  # torchrun: every rank embeds its share
+        return 0  # rank 0 alone runs the attacks and writes the outputs
+    result = run_inference(loaded, cfg, args.command_line)
     for note in result.notes:
         print(note, file=sys.stderr)
     result.write(cfg.out)
@@ -352,6 +403,28 @@ def cli_cache_verify(args: argparse.Namespace) -> int:
     report = verify_cache(args.cache)
     print(report.summary())
     return 0 if report.clean else 1
+
+
+def cli_cache_info(args: argparse.Namespace) -> int:
+    from mmia.cache import cache_info
+
+    stores = cache_info(args.cache)
+    print("store\tsegments\trows\tMiB\tsmall segments")
+    for s in stores:
+        print(f"{s.folder}\t{s.segments}\t{s.rows}\t{s.feature_bytes / 2**20:.1f}\t"
+              f"{s.small_segments}")
+    index = os.path.join(args.cache, "samples")
+    shards = len(os.listdir(index)) if os.path.isdir(index) else 0
+    print(f"{len(stores)} stores; sample index of {shards} shards")
+    return 0
+
+
+def cli_cache_compact(args: argparse.Namespace) -> int:
+    from mmia.cache import compact_cache
+
+    merged, written = compact_cache(args.cache)
+    print(f"merged {merged} segments into {written}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,19 +40,20 @@ from mmia.audit import (
     AttackSettings,
     AuditConfig,
     check_roles_disjoint,
-    drop_duplicate_content,
+    embed_role,
     features_of,
     first_line,
+    role_views,
     run_attack,
     skipped_attacks,
 )
 from mmia.cache import EmbeddingCache
 from mmia.checks import check_fraction
-from mmia.embed import EmbedResult, SampleRecord, embed_shards
+from mmia.embed import EmbedResult
 from mmia.errors import MmiaError
 from mmia.metrics import conformal_p_values, threshold_at_fpr
-from mmia.model import LoadedModel
 from mmia.report import data_uri, jsonable, png, template, thumbnail, write_together
+from mmia.sample_index import ImageLoader
 
 log = logging.getLogger(__name__)
 INFER_ATTACKS = ("csa", "aea", "wsa")
@@ -462,6 +463,7 @@ class InferResult:
     notes: list[str]
     embed: dict[str, EmbedResult]
     provenance: dict = field(default_factory=dict)
+    image_loader: Callable[[list[int]], list[bytes | None]] | None = None  # for thumbnails
 
     @property
     def sentence(self) -> str:
@@ -515,17 +517,6 @@ def write_parquet(path: Path, rows: list[tuple]) -> None:
     pq.write_table(table, path)
 
 
-def _embed_role(loaded: LoadedModel, cfg: InferConfig, role: str, patterns: list[str],
-                views: int) -> EmbedResult:
-    log.info("embedding %s …", role)
-    result = embed_shards(loaded, patterns, cfg.cache, views=views, batch_size=cfg.batch_size,
-                          workers=cfg.workers, progress=cfg.progress,
-                          keep_images=role != "pool")  # the shift check reads the images
-    drop_duplicate_content(result)
-    log.info("%s: %s", role, result.summary().replace("\n", f"\n{role}: "))
-    return result
-
-
 def _concat_design(a: Features, b: Features) -> tuple[np.ndarray, list[str] | None]:
     """The blind design of candidates then known non-members, and their image groups."""
     design = np.concatenate([blind_design(a), blind_design(b)], axis=0)
@@ -533,7 +524,7 @@ def _concat_design(a: Features, b: Features) -> tuple[np.ndarray, list[str] | No
     return design, groups
 
 
-def run_inference(loaded: LoadedModel, cfg: InferConfig, command: str = "") -> InferResult:
+def run_inference(loaded, cfg: InferConfig, command: str = "") -> InferResult:
     """Embed the candidates, known non-members and pool, run the attacks, test; writes
     nothing (see `InferResult.write`)."""
     acfg = cfg.attack_config()
@@ -541,18 +532,18 @@ def run_inference(loaded: LoadedModel, cfg: InferConfig, command: str = "") -> I
     roles = [r for r in ROLES if getattr(cfg, r) and (r != "pool" or "wsa" in cfg.attacks)]
     if cfg.pool and "wsa" not in cfg.attacks:
         log.info("--pool is ignored: only WSA reads it and it is not among the attacks")
-    embedded = {role: _embed_role(loaded, cfg, role, getattr(cfg, role),
-                                  0 if role == "pool" else views)
+    embedded = {role: embed_role(loaded, cfg, role, getattr(cfg, role), role_views(role, views))
                 for role in roles}
     for role, name, why in (
             ("candidates", "candidates", "nothing to test"),
             ("known_nonmembers", "known non-members",
              "they are the null every p-value is measured against")):
-        if not embedded[role].records:
+        if not len(embedded[role].records):
             raise MmiaError(f"no usable {name} ({why}): check the shard patterns and the skip "
                             "counts above")
     records = {role: r.records for role, r in embedded.items()}
     check_roles_disjoint(records, ROLE_PAIRS)
+    candidate_table = records["candidates"]
     cache = EmbeddingCache(cfg.cache, loaded.fingerprint)
     feats: dict[str, Features | None] = {
         "evaluation": features_of(records["candidates"], cache, views),
@@ -581,18 +572,14 @@ def run_inference(loaded: LoadedModel, cfg: InferConfig, command: str = "") -> I
     tests, verdict = infer_core(scores, calibration, shift, cfg.alpha, cfg.target_fpr,
                                 len(known))
     provenance = _provenance(loaded, cfg, embedded, notes, command, cache, views)
+    shards = candidate_table.url().tolist()
     return InferResult(verdict, tests, shift, candidates,
-                       [source_url(r) for r in records["candidates"]],
-                       [r.url for r in records["candidates"]], notes, embedded, provenance)
+                       [u if isinstance(u, str) and u else s
+                        for u, s in zip(candidate_table.source_url, shards, strict=True)],
+                       shards, notes, embedded, provenance, ImageLoader(candidate_table))
 
 
-def source_url(record: SampleRecord) -> str:
-    """Where the sample came from: img2dataset's "url" in its .json sidecar, else its shard."""
-    url = record.meta.get("url") if isinstance(record.meta, dict) else None
-    return url if isinstance(url, str) and url else record.url
-
-
-def _provenance(loaded: LoadedModel, cfg: InferConfig, embedded: dict[str, EmbedResult],
+def _provenance(loaded, cfg: InferConfig, embedded: dict[str, EmbedResult],
                 notes: list[str], command: str, cache: EmbeddingCache, views: int) -> dict:
     return {
         "model": {**loaded.description, "fingerprint": loaded.fingerprint},
@@ -604,6 +591,7 @@ def _provenance(loaded: LoadedModel, cfg: InferConfig, embedded: dict[str, Embed
                      "alpha": cfg.alpha, "attacks": list(cfg.attacks),
                      "aea_aggregation": cfg.aea_aggregation,
                      "wsa_classifier": cfg.wsa_classifier, "wsa_lambda": cfg.wsa_lambda,
+                     "wsa_features": cfg.wsa_features,
                      "calibration_fraction": cfg.calibration_fraction,
                      "augment": cache.augment.__dict__},
         "command": command,
@@ -650,10 +638,11 @@ def top_candidates(result: InferResult, k: int = TOP_K) -> list[dict]:
     t = result.tests[result.verdict.attack]
     c = result.candidates
     order = np.lexsort((-t.scores, t.p_values))[:k]
-    return [{"thumb": thumbnail(c.image_bytes[i] if c.image_bytes else None),
+    images = result.image_loader(order.tolist()) if result.image_loader else [None] * len(order)
+    return [{"thumb": thumbnail(images[j]),
              "key": c.keys[i], "caption": c.captions[i], "score": f"{t.scores[i]:.4f}",
              "p": format_p(float(t.p_values[i])), "q": format_p(float(t.q_values[i])),
-             "flagged": "yes" if t.flagged[i] else "no"} for i in order]
+             "flagged": "yes" if t.flagged[i] else "no"} for j, i in enumerate(order)]
 
 
 def render_report(result: InferResult) -> str:

@@ -61,13 +61,23 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
     With k = floor(fpr * n_nonmembers), the best such point thresholds just above the
     (k+1)-th largest non-member score.
     """
+    return _tpr_at_fpr(*_sorted_classes(labels, scores), fpr)
+
+
+def _sorted_classes(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(members' scores, non-members' scores), each ascending, after validating both inputs."""
     y = check_labels(labels)
     s = _check_scores(scores, len(y))
-    neg = np.sort(s[y == 0])[::-1]
+    member = y == 1
+    return np.sort(s[member]), np.sort(s[~member])
+
+
+def _tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
+    """`tpr_at_fpr` from ascending member and non-member scores."""
     k = _allowed_above(neg.size, fpr)
     if k >= neg.size:
         return 1.0
-    return float(_tpr_above(np.sort(s[y == 1]), neg[k]))
+    return float(_tpr_above(pos, neg[neg.size - 1 - k]))
 
 
 def conformal_p_values(known_nonmember_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -119,15 +129,21 @@ def auc_with_delong(labels: np.ndarray, scores: np.ndarray,
     non-members' placement values. The logit transform keeps the interval inside (0, 1);
     at AUC 0 or 1 (no placement variance) Hanley–McNeil's variance stands in.
     """
-    y = check_labels(labels)
-    s = _check_scores(scores, len(y))
-    pos, neg = s[y == 1], s[y == 0]
+    return _auc_with_delong(*_sorted_classes(labels, scores), level)
+
+
+def _below(sorted_other: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """How many of `sorted_other` lie below each value, ties counting 1/2."""
+    less = np.searchsorted(sorted_other, values, side="left")
+    return less + 0.5 * (np.searchsorted(sorted_other, values, side="right") - less)
+
+
+def _auc_with_delong(pos: np.ndarray, neg: np.ndarray,
+                     level: float = LEVEL) -> tuple[float, list[float]]:
+    """`auc_with_delong` from ascending member and non-member scores: O(n log n), no ranks."""
     m, n = pos.size, neg.size
-    ranks = stats.rankdata(s)
-    rank_pos = ranks[y == 1] - stats.rankdata(pos)  # non-members below each member (ties 1/2)
-    rank_neg = ranks[y == 0] - stats.rankdata(neg)  # members below each non-member
-    v10 = rank_pos / n
-    v01 = 1.0 - rank_neg / m
+    v10 = _below(neg, pos) / n  # share of non-members below each member (ties 1/2)
+    v01 = 1.0 - _below(pos, neg) / m  # share of members above each non-member
     auc = float(v10.mean())
     var = (v10.var(ddof=1) / m if m > 1 else 0.0) + (v01.var(ddof=1) / n if n > 1 else 0.0)
     a = float(np.clip(auc, 0.5 / (m * n), 1 - 0.5 / (m * n)))
@@ -150,12 +166,16 @@ def bootstrap_tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float,
     non-members is the empirical quantile at a Beta(n - k, k + 1) level, and the number of
     resampled members above a cut holding c of m members is Binomial(m, c / m).
     """
-    y = check_labels(labels)
-    s = _check_scores(scores, len(y))
+    pos, neg = _sorted_classes(labels, scores)
+    return _bootstrap_tpr_at_fpr(pos, neg, fpr, n_bootstrap, seed, level)
+
+
+def _bootstrap_tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float, n_bootstrap: int,
+                          seed: int = 0, level: float = LEVEL) -> list[float] | None:
+    """`bootstrap_tpr_at_fpr` from ascending member and non-member scores."""
     if n_bootstrap <= 0:
         return None
     rng = np.random.default_rng(seed)
-    neg, pos = np.sort(s[y == 0]), np.sort(s[y == 1])
     n, m = neg.size, pos.size
     k = _allowed_above(n, fpr)
     if k >= n:
@@ -190,19 +210,22 @@ def evaluate(
         known = None
     calibration = known if known is not None else s[y == 0]
     threshold = threshold_at_fpr(calibration, target_fpr)
-    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-    flagged_pos = int((s[y == 1] >= threshold).sum())
-    flagged_neg = int((s[y == 0] >= threshold).sum())
+    member = y == 1
+    pos, neg = np.sort(s[member]), np.sort(s[~member])  # the one sort of each class
+    n_pos, n_neg = pos.size, neg.size
+    flagged_pos = int(n_pos - np.searchsorted(pos, threshold, side="left"))
+    flagged_neg = int(n_neg - np.searchsorted(neg, threshold, side="left"))
     tpr, fpr = flagged_pos / n_pos, flagged_neg / n_neg
 
-    auc, auc_ci = auc_with_delong(y, s)
+    auc, auc_ci = _auc_with_delong(pos, neg)
     res: dict = {"auc": auc}
     ci: dict[str, list[float] | None] = {"auc": auc_ci}
     method = {"auc": "delong"}
     for name, f in LOW_FPRS.items():
-        res[name] = tpr_at_fpr(y, s, f)
+        res[name] = _tpr_at_fpr(pos, neg, f)
         resolvable = n_neg * f >= MIN_FALSE_POSITIVES
-        ci[name] = (bootstrap_tpr_at_fpr(y, s, f, n_bootstrap, seed) if resolvable else None)
+        ci[name] = (_bootstrap_tpr_at_fpr(pos, neg, f, n_bootstrap, seed) if resolvable
+                    else None)
         method[name] = "bootstrap"
     res.update(
         threshold=threshold,

@@ -18,7 +18,6 @@ import numpy as np
 
 from mmia.audit import AuditConfig, AuditResult, format_table, run_audit
 from mmia.checks import check_attack_settings, check_int, check_seed
-from mmia.model import load_model
 from mmia.report import console_notes
 
 PROTOCOLS = {
@@ -26,7 +25,7 @@ PROTOCOLS = {
     "iid": ("eval_nonmembers", "known_nonmembers"),
     "post-release": ("post_release", "post_release_known"),
 }
-PILOT_WSA_LAMBDA = 0.5
+PILOT_WSA_LAMBDA = "auto"  # the pilot's skewed cosines put the paper's μ + 1.5σ near or above 1
 log = logging.getLogger(__name__)
 REPRODUCIBILITY = (
     "reproducibility: every row is seeded and repeats exactly on one machine; csa and aea are "
@@ -44,11 +43,22 @@ class PilotSettings:
     views: int = 10
     seed: int = 0
     n_bootstrap: int = 1000
-    wsa_lambda: float = PILOT_WSA_LAMBDA
+    wsa_lambda: float | str = PILOT_WSA_LAMBDA
+    wsa_features: str = "concat"
     progress: bool = False
 
     def __post_init__(self) -> None:
         check_attack_settings(self.views, self.seed, self.n_bootstrap, self.wsa_lambda)
+
+
+def wsa_lambda_text(wsa: dict) -> str:
+    """λ as WSA used it: "1.5", or "0.5 (auto: largest of the grid picking ≥ 20)"."""
+    if not wsa.get("wsa_lambda_auto"):
+        return f"{wsa['wsa_lambda']:g}"
+    k = wsa["wsa_min_pseudo_members"]
+    why = (f"largest of the grid picking ≥ {k}" if wsa["n_pseudo_members"] >= k
+           else f"no λ of the grid picks {k}; the smallest picks the most")
+    return f"{wsa['wsa_lambda']:g} (auto: {why})"
 
 
 def pool_precision(pseudo_keys: list[str], truth: dict[str, bool]) -> float | None:
@@ -80,6 +90,7 @@ def run_pilot(root: str, out: str, settings: PilotSettings | None = None,
     world_cfg / train_cfg / model_config default to the embedded pilot (WorldConfig(),
     TrainConfig(), mmia-tiny-vit); `out` only names where `PilotResult.write` puts reports.
     """
+    from mmia.model import load_model
     from mmia.world import DEFAULT_MODEL_CONFIG, build_pilot, read_ground_truth
 
     settings = settings or PilotSettings()
@@ -99,7 +110,7 @@ def run_pilot(root: str, out: str, settings: PilotSettings | None = None,
             attacks=settings.attacks, cache=os.path.join(root, "cache"),
             out=os.path.join(out, protocol), views=settings.views, seed=settings.seed,
             n_bootstrap=settings.n_bootstrap, wsa_lambda=settings.wsa_lambda,
-            progress=settings.progress)
+            wsa_features=settings.wsa_features, progress=settings.progress)
         result = audits[protocol] = run_audit(loaded, cfg,
                                               command=f"mmia pilot (protocol {protocol})")
         rows += [(protocol, name, m) for name, m in result.metrics.items()]
@@ -108,7 +119,7 @@ def run_pilot(root: str, out: str, settings: PilotSettings | None = None,
             wsa = result.metrics["wsa"]
             extra.append(
                 f"{protocol}: WSA threshold {wsa['wsa_threshold']:.3f} = known non-members' CSA "
-                f"mean {wsa['wsa_known_csa_mean']:.3f} + {settings.wsa_lambda:g} × std "
+                f"mean {wsa['wsa_known_csa_mean']:.3f} + {wsa_lambda_text(wsa)} × std "
                 f"{wsa['wsa_known_csa_std']:.3f} (on {wsa['n_known_nonmembers_fit']} of them; "
                 f"its decision threshold comes from the other {wsa['n_calibration']}); picked "
                 f"{wsa['n_pseudo_members']} of {len(pilot.world.keys['pool'])} pool samples "

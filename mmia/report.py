@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import base64
-import csv
 import functools
 import io
 import json
 import math
 import numbers
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jinja2
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
@@ -26,6 +28,13 @@ from mmia.metrics import LOW_FPRS
 BLIND = "blind"
 SHIFT_MARGIN = 0.02
 TOP_K = 10
+ROC_KEEP_FPR = 0.01  # every ROC point at or below this FPR is plotted
+ROC_CELLS_PER_DECADE = 1000  # above it, one point in and one out of each log-log cell
+HISTOGRAM_BINS = 40
+CSV_ROWS_PER_WRITE = 65_536
+CSV_NEEDS_QUOTES = re.compile(r'[,"\r\n]')  # csv.writer's QUOTE_MINIMAL rule
+# an image loader: row indices of the evaluation set -> their encoded images (None: unreadable)
+ImageLoader = Callable[[list[int]], Sequence[bytes | None]]
 TEMPLATE = "report.html.j2"
 OUTPUTS = ("metrics.json", "scores.csv", "roc.png", "report.html")
 NO_INTERVAL = "no valid interval"
@@ -76,6 +85,29 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
+def thin_roc(fpr: np.ndarray, tpr: np.ndarray, keep_fpr: float = ROC_KEEP_FPR,
+             per_decade: int = ROC_CELLS_PER_DECADE) -> np.ndarray:
+    """Indices of the ROC points (positive, ascending FPR) that the log-log plot needs: all
+    with FPR <= keep_fpr; above it, the first and last point in each cell of a grid of
+    1/per_decade decade on both axes, so the thinned step curve stays within one cell (far
+    below a pixel) of the full one. At most ~4 * per_decade * decades points are kept."""
+    if fpr.size == 0:
+        return np.arange(0)
+    cell = np.floor(np.log10(fpr) * per_decade) * 1e6 + np.floor(np.log10(tpr) * per_decade)
+    starts = np.r_[True, cell[1:] != cell[:-1]]
+    ends = np.r_[cell[1:] != cell[:-1], True]
+    return np.flatnonzero((fpr <= keep_fpr) | starts | ends)
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (FPR, TPR) points of the log-log ROC plot: both positive, thinned by `thin_roc`."""
+    fpr, tpr, _ = roc_curve(labels, np.asarray(scores, float), pos_label=1)
+    ok = (fpr > 0) & (tpr > 0)
+    fpr, tpr = fpr[ok], tpr[ok]
+    keep = thin_roc(fpr, tpr)
+    return fpr[keep], tpr[keep]
+
+
 def roc_figure(scores_by_attack: Mapping[str, np.ndarray], labels: np.ndarray) -> Figure:
     """Log-log ROC of every attack with the chance diagonal."""
     y = np.asarray(labels)
@@ -83,9 +115,8 @@ def roc_figure(scores_by_attack: Mapping[str, np.ndarray], labels: np.ndarray) -
     fig = Figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
     for name, s in scores_by_attack.items():
-        fpr, tpr, _ = roc_curve(y, np.asarray(s, float), pos_label=1)
-        ok = (fpr > 0) & (tpr > 0)
-        ax.step(fpr[ok], tpr[ok], where="post", label=name)
+        fpr, tpr = roc_points(y, s)
+        ax.step(fpr, tpr, where="post", label=name)
     grid = np.logspace(np.log10(floor), 0, 50)
     ax.plot(grid, grid, "k--", lw=0.8, label="chance")
     ax.set_xscale("log")
@@ -100,11 +131,15 @@ def roc_figure(scores_by_attack: Mapping[str, np.ndarray], labels: np.ndarray) -
 
 
 def _histogram(name: str, scores: np.ndarray, labels: np.ndarray) -> Figure:
+    """Score densities of non-members and members, drawn from binned counts (40 bars each,
+    whatever n)."""
     fig = Figure(figsize=(4.5, 3))
     ax = fig.add_subplot()
-    bins = np.histogram_bin_edges(scores, bins=40)
-    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, density=True, label="non-members")
-    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, density=True, label="members")
+    bins = np.histogram_bin_edges(scores, bins=HISTOGRAM_BINS)
+    for cls, label in ((0, "non-members"), (1, "members")):
+        counts, _ = np.histogram(scores[labels == cls], bins=bins)
+        ax.hist(bins[:-1], bins=bins, weights=counts, alpha=0.6, density=counts.sum() > 0,
+                label=label)
     ax.set_title(name)
     ax.set_xlabel("score")
     ax.legend(fontsize=8)
@@ -127,14 +162,16 @@ def thumbnail(data: bytes | None, size: int = 96) -> str | None:
         return None
 
 
-def _sample_fields(samples, n: int) -> tuple[list[str], list[bytes | None]]:
-    """Captions and image bytes from a Features-like object or a mapping (or nothing)."""
+def _sample_fields(samples, n: int) -> tuple[Sequence[str], Sequence[bytes | None] | None,
+                                              ImageLoader | None]:
+    """Captions, image bytes and an image loader from a Features-like object or a mapping (or
+    nothing); `samples` gives `image_bytes` (one per sample) or `image_loader` (called once
+    with the rows the report shows) or neither."""
     if samples is None:
-        return [""] * n, [None] * n
+        return [""] * n, None, None
     get = samples.get if isinstance(samples, Mapping) else lambda k: getattr(samples, k, None)
-    captions = get("captions") or [""] * n
-    image_bytes = get("image_bytes") or [None] * n
-    return list(captions), list(image_bytes)
+    captions = get("captions")
+    return ([""] * n if captions is None else captions), get("image_bytes"), get("image_loader")
 
 
 def _interval(result: Mapping, key: str) -> tuple[float, float] | None:
@@ -290,12 +327,33 @@ def _table(results: Mapping[str, Mapping], columns: tuple[tuple[str, str], ...])
             "rows": rows}
 
 
-def _top_samples(name, scores, labels, keys, captions, image_bytes) -> dict:
-    """The TOP_K highest-scoring samples of one attack, as plain values for the template."""
-    order = np.argsort(-scores, kind="stable")[:TOP_K]
+def top_rows(scores: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """The k highest-scoring rows, best first (ties: lower row first), in O(n)."""
+    if scores.size <= k:
+        return np.argsort(-scores, kind="stable")
+    kth = np.partition(scores, scores.size - k)[scores.size - k]
+    candidates = np.flatnonzero(scores >= kth)
+    return candidates[np.argsort(-scores[candidates], kind="stable")[:k]]
+
+
+def _images_of(rows: np.ndarray, image_bytes, image_loader) -> dict[int, bytes | None]:
+    """The encoded images of `rows`: from image_bytes, or one call of image_loader."""
+    wanted = sorted({int(i) for i in rows})
+    if image_bytes is not None:
+        return {i: image_bytes[i] for i in wanted}
+    if image_loader is None or not wanted:
+        return {}
+    loaded = list(image_loader(wanted))
+    if len(loaded) != len(wanted):
+        raise ValueError(f"image_loader returned {len(loaded)} images for {len(wanted)} rows")
+    return dict(zip(wanted, loaded, strict=True))
+
+
+def _top_samples(name, scores, order, labels, keys, captions, images) -> dict:
+    """The rows `order` of one attack (its TOP_K), as plain values for the template."""
     rows = [
         {
-            "thumb": thumbnail(image_bytes[i]),
+            "thumb": thumbnail(images.get(int(i))),
             "key": str(keys[i]),
             "score": f"{scores[i]:.4f}",
             "label": "member" if labels[i] == 1 else "non-member",
@@ -321,8 +379,11 @@ def template(name: str = TEMPLATE) -> jinja2.Template:
 def render_html(results, scores_by_attack, labels, keys, provenance, samples, roc_png) -> str:
     """The self-contained report (all images embedded as data URIs, no external resources)."""
     y = np.asarray(labels)
-    captions, image_bytes = _sample_fields(samples, len(y))
+    captions, image_bytes, image_loader = _sample_fields(samples, len(y))
     arrays = {n: np.asarray(s, float) for n, s in scores_by_attack.items()}
+    orders = {n: top_rows(s) for n, s in arrays.items()}
+    images = _images_of(np.concatenate([np.arange(0), *orders.values()]), image_bytes,
+                        image_loader)
     return template().render(
         warnings=shift_warnings(results),
         notes=chance_notes(results) + resolution_notes(results) + threshold_notes(results),
@@ -332,7 +393,8 @@ def render_html(results, scores_by_attack, labels, keys, provenance, samples, ro
         roc_uri=data_uri(roc_png),
         histograms=[(n, data_uri(png(_histogram(n, s, y)))) for n, s in arrays.items()],
         top_k=TOP_K,
-        tops=[_top_samples(n, s, y, keys, captions, image_bytes) for n, s in arrays.items()],
+        tops=[_top_samples(n, s, orders[n], y, keys, captions, images)
+              for n, s in arrays.items()],
         provenance=json.dumps(jsonable(provenance), indent=2, sort_keys=True),
     )
 
@@ -354,7 +416,9 @@ def write_outputs(
 
     results: attack name -> `mmia.metrics.evaluate` dict. provenance: dicts such as "model",
     "data", "versions", "seeds", "command" (each becomes a top-level key of metrics.json).
-    samples: optional Features or mapping with "captions" and "image_bytes" for the report.
+    samples: optional Features or mapping with "captions" and either "image_bytes" (one per
+    sample) or "image_loader" (a callable: sorted row indices -> their encoded images, called
+    once with the union of every attack's top rows) for the report's thumbnails.
     """
     y = np.asarray(labels)
     n = len(y)
@@ -398,14 +462,52 @@ def _write_all(folder: Path, results, scores_by_attack, y, keys, provenance, sam
     doc["threshold_notes"] = threshold_notes(results)
     (folder / "metrics.json").write_text(json.dumps(doc, indent=2, allow_nan=False))
 
-    with (folder / "scores.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "label", "attack", "score"])
-        for name, s in scores_by_attack.items():
-            for k, lab, v in zip(keys, y, np.asarray(s, float), strict=True):
-                w.writerow([k, int(lab), name, repr(float(v))])
-
+    write_scores_csv(folder / "scores.csv", keys, y, scores_by_attack)
     roc_png = png(roc_figure(scores_by_attack, y))
     (folder / "roc.png").write_bytes(roc_png)
     page = render_html(results, scores_by_attack, y, keys, provenance, samples, roc_png)
     (folder / "report.html").write_text(page, encoding="utf-8")
+
+
+def _csv_field(text: str) -> str:
+    """`text` as csv.writer's QUOTE_MINIMAL writes it."""
+    return '"' + text.replace('"', '""') + '"' if CSV_NEEDS_QUOTES.search(text) else text
+
+
+def float_text(values: np.ndarray) -> pa.Array:
+    """repr() of each float64 as an Arrow string array: Arrow's shortest round-trip cast, with
+    Python's own repr where the two notations may differ (integral values, |v| < 1e-4, >= 1e9)."""
+    text = pc.cast(pa.array(values, type=pa.float64()), pa.string())
+    size = np.abs(values)
+    odd = ((size < 1e-4) & (size > 0)) | (size >= 1e9) | (values == np.trunc(values))
+    if not odd.any():
+        return text
+    fixed = pa.array([repr(v) for v in values[odd].tolist()], type=pa.string())
+    return pc.replace_with_mask(text, pa.array(odd), fixed)
+
+
+def write_scores_csv(path: Path, keys, labels: np.ndarray,
+                     scores_by_attack: Mapping[str, np.ndarray]) -> None:
+    """scores.csv: `key,label,attack,score` rows (score as repr of the float), CRLF line ends,
+    byte for byte what csv.writer wrote; rows are formatted in Arrow, CSV_ROWS_PER_WRITE at a
+    time."""
+    key_text = pa.array([_csv_field(str(k)) for k in keys], type=pa.string())
+    label_text = pc.cast(pa.array(np.asarray(labels).astype(np.int64)), pa.string())
+    nothing = pa.scalar("", pa.string())
+    with path.open("wb") as f:
+        f.write(b"key,label,attack,score\r\n")
+        for name, s in scores_by_attack.items():
+            attack = pa.scalar(_csv_field(str(name)), pa.string())
+            values = np.asarray(s, float)
+            for start in range(0, len(values), CSV_ROWS_PER_WRITE):
+                stop = start + CSV_ROWS_PER_WRITE
+                rows = pc.binary_join_element_wise(
+                    key_text[start:stop], label_text[start:stop], attack,
+                    float_text(values[start:stop]), ",")
+                f.write(_string_bytes(pc.binary_join_element_wise(rows, nothing, "\r\n")))
+
+
+def _string_bytes(text: pa.Array) -> memoryview:
+    """The characters of every string of a null-free Arrow string array, back to back."""
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32)[text.offset:]
+    return memoryview(text.buffers()[2])[int(offsets[0]):int(offsets[len(text)])]

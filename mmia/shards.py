@@ -115,11 +115,11 @@ class Sample:
     meta: dict = field(default_factory=dict)
     url: str = ""
 
-    @property
+    @functools.cached_property
     def image_digest(self) -> str:
         return digest(self.image_bytes)
 
-    @property
+    @functools.cached_property
     def caption_digest(self) -> str:
         return digest(self.caption.encode("utf-8"))
 
@@ -143,15 +143,19 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+# the schemes webdataset's gopen opens with a handler other than a plain file (its
+# `gopen_schemes`, spelled out: importing webdataset imports torch; tests/test_shards checks it)
+REMOTE_SCHEMES = frozenset({"ais", "ftps", "gs", "hf", "htgs", "http", "https", "pipe", "scp",
+                            "sftp"})
+
+
 def is_remote(url: str) -> bool:
     """True where webdataset's gopen hands the URL's scheme to a non-file handler (pipe:, http…)."""
-    from webdataset.gopen import gopen_schemes
-
     try:
         scheme = urlparse(url).scheme
     except ValueError:  # e.g. an unbalanced "[" in a netloc: gopen cannot open it either
         return False
-    return scheme in gopen_schemes and scheme not in ("__default__", "file")
+    return scheme in REMOTE_SCHEMES
 
 
 def local_path(url: str) -> str:
@@ -217,17 +221,14 @@ def _strip_tar(path: str) -> str:
     return path
 
 
-def split_for_rank_and_worker(urls: Sequence[str]) -> list[str]:
-    """Shards this process should read: split across torch.distributed ranks, then workers."""
-    import torch.distributed as dist
+def split_for_worker(urls: Sequence[str]) -> list[str]:
+    """Shards this DataLoader worker should read (all of them outside a worker). Ranks of a
+    torchrun take their share before (`mmia.embed.embed_shards(shard_share=…)`)."""
     from torch.utils.data import get_worker_info
 
-    rank, world = 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
     info = get_worker_info()
     wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return list(urls)[rank * nworkers + wid :: world * nworkers]
+    return list(urls)[wid::nworkers]
 
 
 class ShardStalled(OSError):
@@ -803,13 +804,18 @@ def _caption_ext(parts: dict[str, bytes]) -> str | None:
     return min((ext for ext in parts if ext.endswith(".txt")), default=None)
 
 
+def read_shard(url: str, labels: dict[str, str]) -> Iterator[Sample | Skip]:
+    """The `Sample`s and `Skip`s of one shard, keys under its label in `labels`."""
+    return to_samples(group_members(tar_members([url])), labels)
+
+
 def read_samples(patterns: str | Sequence[str], split: bool = True) -> Iterator[Sample | Skip]:
-    """Stream `Sample`s and `Skip`s from shard patterns (this rank's and worker's share).
+    """Stream `Sample`s and `Skip`s from shard patterns (this DataLoader worker's share).
 
     Keys are `shard label/sample key`, labels from `shard_labels` over these patterns' shards
     only, so a role's keys stay the same whatever other shards are read elsewhere.
     """
     urls = expand_patterns(patterns)
     labels = shard_labels(urls)
-    mine = split_for_rank_and_worker(urls) if split else urls
+    mine = split_for_worker(urls) if split else urls
     return to_samples(group_members(tar_members(mine)), labels)

@@ -11,10 +11,13 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageEnhance, ImageFilter
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class AugmentConfig:
     flip_p: float = 0.5
     jitter: float = 0.3
     blur_sigma: tuple[float, float] = (0.1, 1.5)
-    version: int = 1
+    version: int = 2  # 2: images are first shrunk to the model's input size (`input_side`)
 
     def digest(self) -> str:
         payload = json.dumps(asdict(self), sort_keys=True).encode()
@@ -47,6 +50,25 @@ class AugmentConfig:
         for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
             out = enhance(out).enhance(float(rng.uniform(1 - self.jitter, 1 + self.jitter)))
         return out.filter(ImageFilter.GaussianBlur(float(rng.uniform(*self.blur_sigma))))
+
+
+def input_side(preprocess: Callable) -> int | None:
+    """The side the model's preprocessing resizes the shortest image side to (None: unknown)."""
+    for step in getattr(preprocess, "transforms", ()):
+        size = getattr(step, "size", None)
+        if type(step).__name__ == "Resize" and size is not None:
+            return int(size if isinstance(size, int) else min(size))
+    return None
+
+
+def shrunk(image: Image.Image, side: int | None) -> Image.Image:
+    """`image` with its shortest side reduced to `side` (never enlarged): augmenting at the
+    model's input size costs the same whatever the original resolution."""
+    w, h = image.size
+    if not side or min(w, h) <= side:
+        return image
+    scale = side / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
 
 
 def view_seed(image_digest: str, view: int, config: AugmentConfig) -> int:
@@ -76,7 +98,12 @@ def make_views(
     config: AugmentConfig,
 ) -> torch.Tensor | None:
     """The model inputs of several views of an image as ONE (len(views), C, H, W) tensor (None
-    for no views): one tensor crosses a process boundary as one shared-memory descriptor."""
+    for no views): one tensor crosses a process boundary as one shared-memory descriptor.
+    Augmented views (v ≥ 1) are made from the image shrunk to the model's input size."""
+    import torch
+
     if not views:
         return None
-    return torch.stack([make_view(image, image_digest, v, preprocess, config) for v in views])
+    small = shrunk(image, input_side(preprocess)) if any(v >= 1 for v in views) else image
+    return torch.stack([make_view(image if v == 0 else small, image_digest, v, preprocess, config)
+                        for v in views])

@@ -223,3 +223,194 @@ def test_blind_cross_validation_keeps_copies_of_an_image_together():
     feats.groups = None
     leaky = roc_auc_score(y, Blind(use_images=False).cross_val_scores(feats, y, seed=0))
     assert leaky > 0.8 and abs(grouped - 0.5) < 0.12, (leaky, grouped)
+
+
+# --- scale: float32 blocked cosine, blocked WSA scoring, image statistics, the blind at scale
+
+
+def test_cosine_is_float32_blocked_and_matches_float64(monkeypatch):
+    import mmia.attacks.base as base
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(300, 512)), rng.normal(size=(300, 512))
+    views = _unit(rng.normal(size=(300, 4, 512)))
+    exact = np.sum(img * txt, 1) / (np.linalg.norm(img, axis=1) * np.linalg.norm(txt, axis=1))
+    exact_views = np.einsum("nkd,nd->nk", views.astype(np.float64), _unit(txt).astype(float))
+    got, got_views = base.cosine(img, txt), base.cosine(views, _unit(txt)[:, None, :])
+    assert got.dtype == np.float32 and got_views.dtype == np.float32
+    assert got_views.shape == (300, 4)
+    np.testing.assert_allclose(got, exact, atol=1e-6)
+    np.testing.assert_allclose(got_views, exact_views, atol=1e-6)
+    monkeypatch.setattr(base, "COSINE_BLOCK_BYTES", 5000)  # a few rows a block
+    np.testing.assert_array_equal(base.cosine(views, _unit(txt)[:, None, :]), got_views)
+    np.testing.assert_allclose(base.cosine(img, txt), exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "mlp"])
+def test_wsa_scores_in_blocks_equal_unblocked_predict_proba(classifier, monkeypatch):
+    import mmia.attacks.wsa as wsa_module
+
+    rng = np.random.default_rng(0)
+    pool, _ = _members_vs_random(150, rng, offset=1.0)
+    known = _feats(_unit(rng.normal(size=(200, D))), _unit(rng.normal(size=(200, D))))
+    ev, _ = _members_vs_random(50, rng, offset=1.0)
+    wsa = WSA(classifier=classifier, seed=0).fit(known, pool)
+    full = wsa.model_.predict_proba(np.concatenate([ev.image, ev.text], 1).astype(float))[:, 1]
+    monkeypatch.setattr(wsa_module, "SCORE_BLOCK", 7)  # 100 rows in 15 blocks
+    blocked = wsa.score(ev)
+    assert blocked.dtype == np.float64
+    np.testing.assert_allclose(blocked, full, atol=1e-5, rtol=1e-5)
+
+
+def _encoded(image, fmt):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_image_stats_of_a_decoded_image_equals_image_stats_of_its_bytes():
+    from PIL import Image
+
+    from mmia.attacks.blind import N_IMAGE_STATS, image_stats, image_stats_of
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(150, 220, 3), dtype=np.uint8)
+    images = [_encoded(Image.fromarray(noise), "JPEG"),
+              _encoded(Image.fromarray(noise).convert("RGBA"), "PNG"),
+              _encoded(Image.fromarray(noise).convert("P"), "PNG"),
+              _encoded(Image.fromarray(noise[:40, :30, 0]), "PNG"),  # grayscale, small
+              _jpeg((10, 200, 30), (64, 300))]
+    for data in images:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            rgb = im.convert("RGB")
+        before = np.asarray(rgb).copy()
+        stats = image_stats_of(rgb, len(data), width, height)
+        assert stats.dtype == np.float32 and stats.shape == (N_IMAGE_STATS,)
+        np.testing.assert_array_equal(stats, image_stats(data))
+        np.testing.assert_array_equal(np.asarray(rgb), before)  # the caller's image untouched
+    assert image_stats(b"")[-1] == 1 and image_stats(b"not an image")[-1] == 1
+    assert image_stats(b"not an image")[8] == pytest.approx(np.log1p(12))
+
+
+def test_blind_prefers_the_image_stats_field_and_subset_carries_it():
+    rng = np.random.default_rng(0)
+    n = 60
+    y = np.r_[np.ones(n // 2), np.zeros(n // 2)].astype(int)
+    stats = rng.normal(size=(n, 10)).astype(np.float32)
+    stats[:, 0] += 3.0 * y  # mean red differs: a pure image shift
+    emb = np.zeros((n, 0), np.float32)
+    caps = [" ".join(rng.choice(["a", "b", "c", "d"], 3)) for _ in range(n)]
+    f = Features(keys=[str(i) for i in range(n)], image=emb, text=emb, captions=caps,
+                 image_stats=stats, image_bytes=[b""] * n)  # the bytes would say nothing
+    assert roc_auc_score(y, Blind().cross_val_scores(f, y)) > 0.95
+    np.testing.assert_array_equal(f.subset([3, 1]).image_stats, stats[[3, 1]])
+    with pytest.raises(ValueError):
+        Features(keys=["a"], image=emb[:1], text=emb[:1], image_stats=stats)
+
+
+def _word_captions(n, rng, label_word=None, y=None):
+    words = [f"w{i}" for i in range(50)]
+    caps = [" ".join(rng.choice(words, 6)) for _ in range(n)]
+    if label_word:
+        caps = [c + (" alpha" if lab else " beta") for c, lab in zip(caps, y, strict=True)]
+    return caps
+
+
+@pytest.mark.parametrize("max_fit_rows", [10_000, 150])  # 150: each fold fits a capped sample
+def test_blind_scores_every_sample_out_of_fold(max_fit_rows):
+    rng = np.random.default_rng(1)
+    n = 400
+    y = rng.permutation(np.r_[np.ones(n // 2), np.zeros(n // 2)]).astype(int)
+    emb = np.zeros((n, 0), np.float32)
+    groups = [f"d{i}" for i in range(n)]
+
+    def auc(caps):
+        f = Features(keys=groups, image=emb, text=emb, captions=caps, groups=groups)
+        s = Blind(use_images=False, max_fit_rows=max_fit_rows).cross_val_scores(f, y, seed=0)
+        assert s.shape == (n,) and np.isfinite(s).all()
+        return roc_auc_score(y, s)
+
+    assert auc(_word_captions(n, rng, "alpha", y)) > 0.99  # one word gives the label away
+    assert abs(auc(_word_captions(n, rng)) - 0.5) < 0.1  # random captions: chance
+    # a caption word unique to each sample: in-sample it would name the label (AUC 1);
+    # out of fold it is a word no model has seen
+    assert abs(auc([f"u{i} common" for i in range(n)]) - 0.5) < 0.1
+
+
+def test_blind_cross_validation_equals_the_pipeline_fitted_fold_by_fold():
+    """The sparse per-fold design is the same model as `make_pipeline` (TF-IDF word 1-2 grams
+    beside scaled image statistics, then the regression) fitted on each fold's training rows."""
+    from mmia.attacks.blind import blind_design
+
+    rng = np.random.default_rng(0)
+    n = 200
+    words = ["red", "Green", "small", "big", "old", "café", "x_y", "3d", "a", "the"]
+    caps = [" ".join(rng.choice(words, rng.integers(0, 7))) + ("!" if i % 3 else ", dog.")
+            for i in range(n)]
+    y = (rng.random(n) < 0.4).astype(int)
+    stats = rng.normal(size=(n, 10)).astype(np.float32) + y[:, None] * 0.3
+    emb = np.zeros((n, 0), np.float32)
+    groups = [f"g{i // 2}" for i in range(n)]
+    f = Features(keys=groups, image=emb, text=emb, captions=caps, groups=groups,
+                 image_stats=stats)
+    blind = Blind()
+    got = blind.cross_val_scores(f, y, seed=3)
+    fold, x, want = blind._folds(y, groups, 5, 3), blind_design(f), np.empty(n)
+    for k in range(5):
+        train, test = fold != k, fold == k
+        pipe = blind.make_pipeline(x.shape[1]).fit(x[train], y[train])
+        want[test] = pipe.predict_proba(x[test])[:, 1]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_caption_counts_are_countvectorizer_counts():
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    from mmia.attacks.blind import TOKEN_PATTERN, caption_counts
+
+    caps = ["Hello, World_x 12 café", "", "  ...  ", "a_b c-d a_b c", "the the the cat",
+            "Ünïcode straße ½", "cat the"]
+    want = CountVectorizer(ngram_range=(1, 2), token_pattern=TOKEN_PATTERN).fit_transform(caps)
+    got = caption_counts(caps)
+    assert got.shape[0] == len(caps) and got.nnz == want.nnz
+    # equal up to the order of the columns: equal Gram matrices and equal sorted rows
+    np.testing.assert_array_equal((got @ got.T).toarray(), (want @ want.T).toarray())
+    for i in range(len(caps)):
+        assert sorted(got[i].data) == sorted(want[i].data)
+
+
+def test_grouped_folds_keep_groups_together_and_stratify():
+    from mmia.attacks.blind import grouped_folds
+
+    rng = np.random.default_rng(0)
+    groups = [f"g{i}" for i in rng.integers(0, 3000, size=10_000)]
+    first_label = {}
+    y = np.array([first_label.setdefault(g, int(rng.random() < 0.3)) for g in groups])
+    fold = grouped_folds(y, groups, 5, seed=0)
+    fold_of = {}
+    for g, f in zip(groups, fold, strict=True):
+        assert fold_of.setdefault(g, f) == f  # a group never straddles two folds
+    for f in range(5):
+        share = np.mean(y[fold == f])
+        assert abs(np.mean(fold == f) - 0.2) < 0.02 and abs(share - y.mean()) < 0.03
+    assert not np.array_equal(fold, grouped_folds(y, groups, 5, seed=1))
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "mean_all", "min", "drop", "zdrop"])
+def test_aea_on_cached_view_cosines_equals_aea_on_view_features(aggregation):
+    """The cache keeps only cos(view k, caption) per pair; AEA on those equals AEA on the
+    views' features (what it read before)."""
+    rng = np.random.default_rng(3)
+    n, k, d = 40, 6, 16
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    img, txt = unit(rng.normal(size=(n, d))), unit(rng.normal(size=(n, d)))
+    views = unit(img[:, None, :] + 0.5 * rng.normal(size=(n, k, d))).astype(np.float32)
+    keys = [f"k{i}" for i in range(n)]
+    full = Features(keys=keys, image=img, text=txt, views=views)
+    cosines = np.einsum("nkd,nd->nk", views, txt).astype(np.float32)
+    cached = Features(keys=keys, image=img, text=txt, view_cosines=cosines)
+    attack = AEA(aggregation=aggregation)
+    assert np.allclose(attack.score(cached), attack.score(full), atol=1e-5)
+    with pytest.raises(MissingInput):
+        attack.score(Features(keys=keys, image=img, text=txt))

@@ -7,14 +7,17 @@ import torch
 from PIL import Image
 from shardgen import jpeg_bytes, write_good_shards
 
-from mmia.cache import EmbeddingCache, FeatureStore
+from mmia.cache import EmbeddingCache, FeatureStore, pair_digests
 from mmia.embed import Encoder, decode_image, embed_shards
 from mmia.views import AugmentConfig, make_view
 
 
 def cache_contents(cache: EmbeddingCache, views) -> dict:
-    """digest → features for every store: the cache as a mapping, for equality checks."""
-    stores = {"text": cache.text, **{v: cache.image(v) for v in views}}
+    """digest → features for every store: the cache as a mapping, for equality checks.
+    `views` [0, 1, …, K]: view 0's image features, and the pairs' K view cosines."""
+    stores = {"text": cache.text, 0: cache.image(0)}
+    if max(views) >= 1:
+        stores["pairs"] = cache.pairs(max(views))
     out = {}
     for name, store in stores.items():
         store.refresh()
@@ -51,9 +54,33 @@ def test_a_cache_opened_before_embedding_reads_what_was_embedded_since(tmp_path,
     result = embed_shards(tiny_model, [pattern], str(tmp_path / "c"), views=1, batch_size=4,
                           workers=0, progress=False)
     assert cache.read_text([r.caption_digest for r in result.records]).shape == (3, 32)
-    assert cache.read_image([r.image_digest for r in result.records], [0, 1]).shape == (3, 2, 32)
+    table = result.records
+    assert cache.read_image(table.image_digest, [0]).shape == (3, 1, 32)
+    assert cache.pairs(1).read(pair_digests(table.image_digest, table.caption_digest)).shape \
+        == (3, 1)
     with pytest.raises(KeyError):
         cache.read_text(["0" * 32])
+
+
+def test_pair_cosines_are_the_views_features_times_the_caption_features(tmp_path, tiny_model):
+    """AEA's cached input: cos(view k, caption) for k = 1..K, equal to what the kept view
+    features give; without --keep-view-features the views' features are not stored."""
+    pattern = write_good_shards(tmp_path, 1, 4)
+    kept = embed_shards(tiny_model, [pattern], str(tmp_path / "k"), views=3, batch_size=4,
+                        workers=0, progress=False, keep_view_features=True)
+    plain = embed_shards(tiny_model, [pattern], str(tmp_path / "p"), views=3, batch_size=4,
+                         workers=0, progress=False)
+    t = kept.records
+    pairs = pair_digests(t.image_digest, t.caption_digest)
+    k_cache = EmbeddingCache(str(tmp_path / "k"), tiny_model.fingerprint)
+    p_cache = EmbeddingCache(str(tmp_path / "p"), tiny_model.fingerprint)
+    views = k_cache.read_image(t.image_digest, [1, 2, 3])
+    text = k_cache.read_text(t.caption_digest)
+    expected = np.einsum("nkd,nd->nk", views, text)
+    assert np.abs(k_cache.pairs(3).read(pairs) - expected).max() < 1e-5
+    assert np.array_equal(p_cache.pairs(3).read(pairs), k_cache.pairs(3).read(pairs))
+    assert len(plain.records) == 4 and p_cache.image(1).digests() == set()
+    assert len(k_cache.image(2).digests()) == 4
 
 
 def test_second_run_makes_no_forward_pass(tmp_path, tiny_model):

@@ -244,13 +244,14 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_config):
                            capture_output=True, timeout=240)
     assert final.returncode == 0, final.stderr.decode()
     assert killed >= 5
-    fingerprint = os.listdir(tmp_path / "ref")[0]
+    fingerprint = next(p.name for p in (tmp_path / "ref").iterdir()
+                       if (p / "model.json").exists())
     want = cache_contents(EmbeddingCache(str(tmp_path / "ref"), fingerprint), [0, 1])
     got = cache_contents(EmbeddingCache(str(tmp_path / "resumed"), fingerprint), [0, 1])
-    assert len(want["text"][0]) == len(want[0][0]) == len(want[1][0]) == 24
+    assert len(want["text"][0]) == len(want[0][0]) == len(want["pairs"][0]) == 24
     assert got == want
     cache = EmbeddingCache(str(tmp_path / "resumed"), fingerprint)
-    for store in (cache.text, cache.image(0), cache.image(1)):
+    for store in (cache.text, cache.image(0), cache.pairs(1)):
         keys = _store_keys(store.folder)
         assert len(keys) == len(set(keys)) == 24, "duplicate or missing entries after resume"
 
@@ -262,10 +263,11 @@ def _features(model, pattern, cache_dir, views=0, augment=None):
     result = embed_shards(model, [pattern], str(cache_dir), views=views, batch_size=4,
                           workers=0, augment=augment, progress=False)
     cache = EmbeddingCache(str(cache_dir), model.fingerprint, augment)
-    digests = [r.image_digest for r in result.records]
-    image = cache.read_image(digests, range(views + 1))
-    text = cache.read_text([r.caption_digest for r in result.records])
-    return result, image, text
+    t = result.records
+    image = cache.read_image(t.image_digest, [0])  # (n, 1, d); with views: + the K cosines
+    if views:
+        image = (image[:, 0], cache.pairs(views).read(t.pair_digest))
+    return result, image, cache.read_text(t.caption_digest)
 
 
 def _perturbed_checkpoint(tiny_model, path) -> str:
@@ -335,9 +337,10 @@ def test_changed_augmentation_never_serves_old_views(tmp_path, tiny_model):
     assert shared.view_folder(1) != EmbeddingCache(str(tmp_path), "x", old_cfg).view_folder(1)
     assert result.embedded == 4 and result.forward_passes > 0
     _, fresh, _ = _features(tiny_model, pattern, tmp_path / "fresh", views=1, augment=new_cfg)
-    assert new.tobytes() == fresh.tobytes()
-    assert np.array_equal(new[:, 0], old[:, 0])  # view 0 is plain preprocessing: shared
-    assert not np.array_equal(new[:, 1], old[:, 1])
+    assert new[0].tobytes() == fresh[0].tobytes() and new[1].tobytes() == fresh[1].tobytes()
+    assert np.array_equal(new[0], old[0])  # view 0 is plain preprocessing: shared
+    assert not np.array_equal(new[1], old[1])  # the views' cosines are the new views'
+    assert shared.pairs_folder(1) != EmbeddingCache(str(tmp_path), "x", old_cfg).pairs_folder(1)
 
 
 # ---------------------------------------------------------------- safe loading

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from shardgen import write_good_shards
 
+import mmia.cache
 import mmia.cli
 import mmia.embed
+import mmia.encode
 from mmia.cache import (
     FEATURES,
     KEYS,
@@ -194,15 +196,14 @@ def test_data_is_checked_once_per_process(two_segments, monkeypatch):
 
     folder, _, truth = two_segments
     calls = []
-    real = mmia.cache._sha256
-    monkeypatch.setattr(mmia.cache, "_sha256", lambda a: calls.append(a.shape) or real(a))
+    real = mmia.cache._check_data
+    monkeypatch.setattr(mmia.cache, "_check_data", lambda *a: calls.append(a[0]) or real(*a))
     mmia.cache._VERIFIED.clear()
     for _ in range(3):
         FeatureStore(str(folder)).refresh().read(list(truth))
-    feature_hashes = [shape for shape in calls if len(shape) == 2]
-    assert len(feature_hashes) == 2  # two segments, once each
+    assert len(calls) == 2  # two segments, once each
     FeatureStore(str(folder)).verify_all()
-    assert len([shape for shape in calls if len(shape) == 2]) == 4
+    assert len(calls) == 4
 
 
 def test_refresh_if_changed_sees_a_new_segment(tmp_path):
@@ -333,7 +334,7 @@ def test_audit_after_damage_gives_the_undamaged_scores(tmp_path, tiny_config, ca
 
     clean = audit("clean")
     capsys.readouterr()
-    fingerprint = next(p for p in cache.iterdir() if p.is_dir()).name
+    fingerprint = next(p for p in cache.iterdir() if (p / "model.json").exists()).name
     for store in ("text", "image/view-000"):
         folder = cache / fingerprint / store
         for name in _segment_files(FeatureStore(str(folder))):
@@ -363,7 +364,7 @@ def test_read_only_cache_refuses_before_any_forward_pass(tmp_path, tiny_model, m
     def no_forward(*args, **kwargs):
         raise AssertionError("a forward pass was made")
 
-    monkeypatch.setattr(mmia.embed.Encoder, "_run", no_forward)
+    monkeypatch.setattr(mmia.encode.Encoder, "_run", no_forward)
     with pytest.raises(MmiaError, match="read-only.*not in it"):
         embed_shards(tiny_model, [done, more], str(cache_dir), batch_size=4, workers=0,
                      progress=False)
@@ -375,11 +376,11 @@ def test_commit_lock_held_elsewhere_is_waited_for_and_said(tmp_path, monkeypatch
     import fcntl
     import threading
 
-    monkeypatch.setattr(mmia.embed, "LOCK_PATIENCE", 0.1)
-    fd = os.open(tmp_path / mmia.embed.COMMIT_LOCK, os.O_RDWR | os.O_CREAT)
+    monkeypatch.setattr(mmia.cache, "LOCK_PATIENCE", 0.1)
+    fd = os.open(tmp_path / mmia.cache.COMMIT_LOCK, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     threading.Timer(0.5, os.close, [fd]).start()
-    with caplog.at_level(logging.INFO, logger="mmia"), mmia.embed.commit_lock(str(tmp_path)):
+    with caplog.at_level(logging.INFO, logger="mmia"), mmia.cache.commit_lock(str(tmp_path)):
         pass
     assert any("waiting for the cache lock" in r.getMessage() for r in caplog.records)
 
@@ -391,6 +392,111 @@ def test_no_file_locks_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog)
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with caplog.at_level(logging.WARNING, logger="mmia"), mmia.embed.commit_lock(str(tmp_path)):
+    with caplog.at_level(logging.WARNING, logger="mmia"), mmia.cache.commit_lock(str(tmp_path)):
         pass
     assert "no file locks here" in caplog.text
+
+
+# ---------------------------------------------------------------- compaction (issue 13)
+
+
+def _many_segments(folder, count: int = 12, rows: int = 3) -> dict[str, np.ndarray]:
+    store, truth = FeatureStore(str(folder)), {}
+    for s in range(count):
+        keys, feats = [f"s{s:02d}{i:029d}" for i in range(rows)], _rows(rows, s)
+        store.write(keys, feats)
+        truth.update(zip(keys, feats, strict=True))
+    return truth
+
+
+def test_compaction_merges_segments_and_serves_the_same_rows(tmp_path):
+    folder = tmp_path / "store"
+    truth = _many_segments(folder)
+    reader = FeatureStore(str(folder)).refresh()  # indexed the 12 small segments
+    merged, written = FeatureStore(str(folder)).compact()
+    assert (merged, written) == (12, 1)
+    assert len(_segment_files(FeatureStore(str(folder)))) == 1
+    keys = list(truth)
+    expected = np.stack([truth[k] for k in keys])
+    assert np.array_equal(FeatureStore(str(folder)).refresh().read(keys), expected)
+    assert np.array_equal(reader.read(keys), expected)  # a stale index looks them up again
+    assert not (folder / QUARANTINE).exists()
+
+
+def test_compaction_killed_before_removing_old_segments_serves_each_digest_once(tmp_path,
+                                                                               monkeypatch):
+    folder = tmp_path / "store"
+    truth = _many_segments(folder, count=4)
+    monkeypatch.setattr(FeatureStore, "_remove",
+                        lambda self, name: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        FeatureStore(str(folder)).compact()
+    monkeypatch.undo()
+    store = FeatureStore(str(folder)).refresh()
+    assert len(_segment_files(store)) == 5 and len(store) == 12  # the copy, once
+    keys = list(truth)
+    assert np.array_equal(store.read(keys), np.stack([truth[k] for k in keys]))
+    FeatureStore(str(folder)).compact()
+    assert len(_segment_files(FeatureStore(str(folder)))) == 1
+    assert verify_cache(str(tmp_path)).clean
+
+
+def test_compaction_quarantines_a_bad_segment_instead_of_merging_it(tmp_path):
+    folder = tmp_path / "store"
+    truth = _many_segments(folder, count=4)
+    bad = _segment_files(FeatureStore(str(folder)))[2]
+    _flip(folder / (bad + FEATURES))
+    FeatureStore(str(folder)).compact()
+    store = FeatureStore(str(folder)).refresh()
+    found = store.contains(list(truth))
+    assert found.sum() == 9 and len(_segment_files(store)) == 1
+    assert (folder / QUARANTINE / (bad + ".reason.txt")).exists()
+
+
+def test_embed_compacts_whenever_a_store_has_many_small_segments(tmp_path, tiny_model, monkeypatch):
+    import mmia.encode
+
+    monkeypatch.setattr(mmia.encode, "COMPACT_AFTER", 4)
+    pattern = write_good_shards(tmp_path, 2, 6)
+    first = embed_shards(tiny_model, [pattern], str(tmp_path / "c"), batch_size=2, workers=0,
+                         flush_every=2, progress=False)
+    cache = EmbeddingCache(str(tmp_path / "c"), tiny_model.fingerprint)
+    # 12 samples committed 2 at a time: 6 commits per store, merged whenever 4 are small
+    assert len(_segment_files(cache.image(0))) < 4 and len(_segment_files(cache.text)) < 4
+    t = first.records
+    again = embed_shards(tiny_model, [pattern], str(tmp_path / "fresh"), batch_size=2,
+                         workers=0, progress=False)
+    fresh = EmbeddingCache(str(tmp_path / "fresh"), tiny_model.fingerprint)
+    assert np.array_equal(cache.read_image(t.image_digest, [0]),
+                          fresh.read_image(again.records.image_digest, [0]))
+
+
+def test_cache_info_and_compact_commands(tmp_path, capsys):
+    _many_segments(tmp_path / "c" / "fp" / "text", count=5)
+    assert mmia.cli.main(["cache", "info", "--cache", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "fp/text\t5\t15\t" in out and "1 stores" in out
+    assert mmia.cli.main(["cache", "compact", "--cache", str(tmp_path / "c")]) == 0
+    assert "merged 5 segments into 1" in capsys.readouterr().out
+    mmia.cli.main(["cache", "info", "--cache", str(tmp_path / "c")])
+    assert "fp/text\t1\t15\t" in capsys.readouterr().out
+
+
+def test_index_is_exact_when_digest_hashes_collide(monkeypatch):
+    """The index searches by a 64-bit hash of each digest; where hashes collide (forced here:
+    4 distinct values), the digests themselves decide."""
+    import mmia.cache
+
+    real = mmia.cache.key_hash
+    monkeypatch.setattr(mmia.cache, "key_hash", lambda keys: real(keys) % np.uint64(4))
+    index, first = _SortedRuns(), {}
+    rng = np.random.default_rng(1)
+    for segment in range(12):
+        keys = np.unique(np.asarray([f"{k:032d}" for k in rng.integers(0, 100, 15)], "S32"))
+        index.add(keys, segment)
+        for row, k in enumerate(keys):
+            first.setdefault(k, (segment, row))
+    query = np.asarray([f"{k:032d}" for k in range(110)], "S32")
+    segment, row = index.locate(query)
+    for k, s, r in zip(query, segment, row, strict=True):
+        assert (s, r) == first.get(k, (-1, 0))

@@ -27,6 +27,7 @@ from test_embed import cache_contents
 
 import mmia.cli
 import mmia.embed
+import mmia.encode
 from mmia.cache import EmbeddingCache
 from mmia.embed import embed_shards
 from mmia.errors import MmiaError
@@ -73,17 +74,22 @@ def test_many_views_cross_a_low_descriptor_limit(tmp_path, tiny_model, tiny_conf
     views = range(7)
     got = cache_contents(EmbeddingCache(str(tmp_path / "worker"), tiny_model.fingerprint), views)
     want = cache_contents(EmbeddingCache(str(tmp_path / "inline"), tiny_model.fingerprint), views)
-    assert len(want[6][0]) == 16
+    assert len(want["pairs"][0]) == 16
     assert got == want
 
 
-def _unpicklable_second_sample(read_samples):
+class _UnpicklableUrl(str):
+    """A shard url that carries a lambda: a chunk holding it cannot be sent."""
+
+
+def _unpicklable_second_sample(read_shard):
     """Wrap the reader so its second sample carries a lambda: its chunk cannot be sent."""
 
-    def reader(patterns, split=True):
-        for i, item in enumerate(read_samples(patterns, split)):
+    def reader(url, labels):
+        for i, item in enumerate(read_shard(url, labels)):
             if i == 1 and isinstance(item, Sample):
-                item.meta = {"unpicklable": lambda: None}
+                item.url = _UnpicklableUrl(item.url)
+                item.url.carry = lambda: None
             yield item
 
     return reader
@@ -91,8 +97,8 @@ def _unpicklable_second_sample(read_samples):
 
 def test_a_chunk_lost_by_a_worker_is_an_error(tmp_path, tiny_model, monkeypatch):
     """A chunk a worker fails to send (as EMFILE did) must not vanish with exit 0."""
-    monkeypatch.setattr(mmia.embed, "read_samples",
-                        _unpicklable_second_sample(mmia.embed.read_samples))
+    monkeypatch.setattr(mmia.encode, "read_shard",
+                        _unpicklable_second_sample(mmia.encode.read_shard))
     pattern = write_good_shards(tmp_path, 1, 4)
     with pytest.raises(MmiaError, match="never arrived"):
         embed_shards(tiny_model, [pattern], str(tmp_path / "c"), batch_size=4, workers=1,
@@ -163,10 +169,9 @@ def test_batch_size_beyond_memory_is_refused_before_any_forward_pass(tmp_path, t
                                                                       monkeypatch):
     """With room for 10 padded rows of image input, --batch-size 64 is one-line MmiaError
     naming 10, before any shard is read or forward pass made; --batch-size 10 runs."""
-    copies = getattr(mmia.embed, "INPUT_COPIES", 4)
+    copies = mmia.encode.INPUT_COPIES
     row_bytes = copies * 3 * 32 * 32 * 4  # tiny model: 3×32×32 fp32 inputs
-    monkeypatch.setattr(mmia.embed, "available_memory", lambda device: 10 * row_bytes + 5,
-                        raising=False)
+    monkeypatch.setattr(mmia.encode, "available_memory", lambda device: 10 * row_bytes + 5)
     rows = _record_forward_rows(tiny_model, monkeypatch)
     pattern = write_good_shards(tmp_path, 1, 3)
     with pytest.raises(MmiaError, match=r"--batch-size 64 .*use --batch-size 10 or less") as e:
@@ -244,7 +249,10 @@ def test_unreadable_shards_say_why_in_summary_and_metrics(tmp_path, tiny_model, 
 def _store_digests(cache: EmbeddingCache, views) -> dict:
     """The set of digests cached in each store."""
     out = {}
-    for name, store in {"text": cache.text, **{v: cache.image(v) for v in views}}.items():
+    stores = {"text": cache.text, **{v: cache.image(v) for v in views if v == 0}}
+    if max(views) >= 1:
+        stores["pairs"] = cache.pairs(max(views))
+    for name, store in stores.items():
         store.refresh()
         out[name] = store.digests()
     return out
@@ -305,6 +313,6 @@ def test_concurrent_runs_claim_each_sample_once(tmp_path, tiny_model):
     cache = EmbeddingCache(cache_dir, tiny_model.fingerprint)
     want_images = {r.image_digest for r in a.records}
     stored = _store_digests(cache, [0, 1])
-    assert stored[0] == stored[1] == want_images
+    assert stored[0] == want_images and stored["pairs"] == set(a.records.pair_digest.astype(str))
     assert stored["text"] == {r.caption_digest for r in a.records}
-    assert cache.read_image(sorted(want_images), [0, 1]).shape == (24, 2, 32)
+    assert cache.read_image(sorted(want_images), [0]).shape == (24, 1, 32)

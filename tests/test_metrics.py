@@ -185,3 +185,24 @@ def test_interval_coverage_by_simulation(d, n_pos, n_neg):
 def test_bad_labels_rejected(bad):
     with pytest.raises(ValueError):
         check_labels(np.array(bad))
+
+
+def test_delong_placements_from_sorted_scores_equal_pairwise_counts():
+    """The AUC and its DeLong variance, read off the two sorted classes with ties, equal the
+    O(m n) pairwise definition."""
+    rng = np.random.default_rng(3)
+    y = (rng.random(400) < 0.4).astype(int)
+    s = rng.integers(0, 12, size=400).astype(float) + y  # heavy ties
+    pos, neg = s[y == 1], s[y == 0]
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    v10, v01 = wins.mean(axis=1), wins.mean(axis=0)
+    var = v10.var(ddof=1) / pos.size + v01.var(ddof=1) / neg.size
+    auc, (lo, hi) = auc_with_delong(y, s)
+    assert auc == pytest.approx(wins.mean(), abs=1e-12)
+    half = norm.ppf(0.975) * np.sqrt(var) / (auc * (1 - auc))
+    logit = np.log(auc / (1 - auc))
+    assert [lo, hi] == pytest.approx([1 / (1 + np.exp(half - logit)),
+                                      1 / (1 + np.exp(-logit - half))], rel=1e-9)
+    r = evaluate(y, s, n_bootstrap=100, seed=1)
+    assert r["auc"] == auc and r["ci95"]["auc"] == [lo, hi]
+    assert r["tpr@1%fpr"] == tpr_at_fpr(y, s, 0.01)

@@ -7,6 +7,7 @@ import json
 import pytest
 from test_world import TINY
 
+from mmia.attacks.wsa import AUTO_LAMBDAS
 from mmia.cli import build_parser
 from mmia.errors import MmiaError
 from mmia.pilot import PilotSettings, pilot_configs, pool_precision, run_pilot
@@ -35,7 +36,8 @@ def test_pilot_prints_both_protocols_and_writes_reports(pilot_run):
     for protocol in ("iid", "post-release"):
         metrics = json.loads((root / "out" / protocol / "metrics.json").read_text())
         assert metrics["attacks"]["csa"]["n_members"] == TINY.n_eval
-        assert metrics["settings"]["wsa_lambda"] == 0.5
+        assert metrics["settings"]["wsa_lambda"] == "auto"
+        assert metrics["attacks"]["wsa"]["wsa_lambda"] in AUTO_LAMBDAS
 
 
 def test_pilot_reuses_its_world_and_cache(pilot_run, tiny_config, capsys):

@@ -257,3 +257,89 @@ def test_an_interrupted_write_leaves_the_previous_outputs_whole(tmp_path, audit,
     if expected is MmiaError:
         assert "previous outputs there are unchanged" in str(err.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # nothing new, nothing left
+
+
+# --- scale: csv writer, thinned ROC, O(n) top rows, thumbnails re-read for the top rows only
+
+
+def test_scores_csv_is_byte_for_byte_what_csv_writer_wrote(tmp_path):
+    from mmia.report import write_scores_csv
+
+    keys = ["plain", "with,comma", 'with "quotes"', "line\nbreak", "cr\rhere", "ünï", "", "x y"]
+    y = np.array([1, 0, 1, 0, 1, 0, 1, 0])
+    scores = {"csa": np.array([0.1, 1e-05, 1.0, -0.0, 123456789.0, 1e16, 0.30000001192092896,
+                               np.float32(0.7)]),
+              "a,b": np.linspace(0, 1, 8, dtype=np.float32)}
+    write_scores_csv(tmp_path / "fast.csv", keys, y, scores)
+    with (tmp_path / "slow.csv").open("w", newline="") as f:  # what write_outputs used to do
+        w = csv.writer(f)
+        w.writerow(["key", "label", "attack", "score"])
+        for name, s in scores.items():
+            for k, lab, v in zip(keys, y, np.asarray(s, float), strict=True):
+                w.writerow([k, int(lab), name, repr(float(v))])
+    assert (tmp_path / "fast.csv").read_bytes() == (tmp_path / "slow.csv").read_bytes()
+
+
+def _step(fpr, tpr, grid):
+    """TPR of the post-step ROC curve through (fpr, tpr) at each FPR of grid."""
+    return tpr[np.searchsorted(fpr, grid, side="right") - 1]
+
+
+def test_thinned_roc_keeps_low_fpr_points_and_the_drawn_curve():
+    from sklearn.metrics import roc_curve
+
+    from mmia.report import ROC_CELLS_PER_DECADE, ROC_KEEP_FPR, roc_points
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(200_000) < 0.5).astype(int)
+    s = rng.normal(size=y.size) + 0.5 * y
+    fpr, tpr, _ = roc_curve(y, s)
+    ok = (fpr > 0) & (tpr > 0)
+    fpr, tpr = fpr[ok], tpr[ok]
+    thin_fpr, thin_tpr = roc_points(y, s)
+    assert len(thin_fpr) < len(fpr) / 4
+    low = fpr <= ROC_KEEP_FPR
+    np.testing.assert_array_equal(thin_fpr[thin_fpr <= ROC_KEEP_FPR], fpr[low])
+    np.testing.assert_array_equal(thin_tpr[thin_fpr <= ROC_KEEP_FPR], tpr[low])
+    assert thin_fpr[-1] == fpr[-1] and thin_tpr[-1] == tpr[-1]
+    grid = np.logspace(np.log10(fpr[0]), 0, 100_000)
+    gap = np.abs(np.log10(_step(thin_fpr, thin_tpr, grid)) - np.log10(_step(fpr, tpr, grid)))
+    assert gap.max() <= 1.0 / ROC_CELLS_PER_DECADE + 1e-12  # within one cell of a 1/1000 decade
+
+
+def test_top_rows_are_the_stable_argsort_head():
+    from mmia.report import top_rows
+
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 20, size=5000).astype(float)  # many ties at the top
+    np.testing.assert_array_equal(top_rows(s), np.argsort(-s, kind="stable")[:TOP_K])
+    np.testing.assert_array_equal(top_rows(s[:4]), np.argsort(-s[:4], kind="stable"))
+
+
+def test_thumbnails_come_from_one_image_loader_call_for_the_top_rows(tmp_path, audit):
+    y, scores, results, keys, samples, prov = audit
+    images = samples["image_bytes"]
+    calls = []
+
+    def loader(rows):
+        calls.append(list(rows))
+        return [None if r % 2 else images[r] for r in rows]  # odd rows unreadable
+
+    lazy = {"captions": samples["captions"], "image_loader": loader}
+    page = write_outputs(tmp_path, results, scores, y, keys, prov, lazy)["report.html"]
+    tops = {int(i) for s in scores.values() for i in np.argsort(-s, kind="stable")[:TOP_K]}
+    assert calls == [sorted(tops)]
+    shown = sum(1 for s in scores.values() for i in np.argsort(-s, kind="stable")[:TOP_K]
+                if i % 2 == 0)
+    assert page.read_text().count('src="data:image/jpeg;base64,') == shown > 0
+
+
+def test_float_text_is_python_repr_at_every_magnitude():
+    from mmia.report import float_text
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.normal(size=100_000) * 10.0 ** rng.integers(-12, 20, size=100_000),
+        rng.random(20_000).astype(np.float32).astype(float), np.arange(-5.0, 5.0),
+        [0.0, -0.0, 1e-4, -1e-4, 1e9, 1e16, 9999999999999998.0, 5e-324, 1.7976931348623157e308]])
+    assert float_text(values).to_pylist() == [repr(v) for v in values.tolist()]

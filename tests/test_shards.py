@@ -212,18 +212,20 @@ def test_workers_split_shards_without_loss_or_duplicates(tmp_path, workers):
     assert len(keys) == 6 and len(set(keys)) == 6
 
 
-def test_ranks_split_shards(tmp_path, monkeypatch):
-    import torch.distributed as dist
+def test_ranks_split_shards(tmp_path, tiny_model):
+    """torchrun ranks take every N-th shard (`shard_share`); keys are those of one process."""
+    from mmia.embed import embed_shards
 
     pattern = write_good_shards(tmp_path, 4, 1)
-    seen = []
-    for rank in range(2):
-        monkeypatch.setattr(dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist, "get_rank", lambda r=rank: r)
-        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-        seen.append([s.key for s in read_samples(pattern) if isinstance(s, Sample)])
+
+    def keys(share):
+        return embed_shards(tiny_model, [pattern], str(tmp_path / "c"), workers=0,
+                            progress=False, shard_share=share).records.key.tolist()
+
+    seen = [keys((rank, 2)) for rank in range(2)]
     assert len(seen[0]) == len(seen[1]) == 2
     assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(keys((0, 1)))
 
 
 def test_pipe_urls_are_read(tmp_path):
@@ -313,3 +315,14 @@ def test_http_urls_are_read_and_a_missing_one_is_a_counted_skip(tmp_path, http_r
     assert len(samples) == 6 and samples[3].image_bytes == jpeg_bytes(1000)
     assert len(skips) == 1 and skips[0].url.endswith("00002.tar")
     assert skips[0].reason == "unreadable_shard" and "exit 22" in skips[0].detail  # curl: 404
+
+
+def test_remote_schemes_cover_webdataset_gopen():
+    """`is_remote` spells out gopen's schemes (importing webdataset imports torch)."""
+    from webdataset.gopen import gopen_schemes
+
+    from mmia.shards import REMOTE_SCHEMES, is_remote
+
+    assert set(gopen_schemes) - {"__default__"} <= REMOTE_SCHEMES
+    assert is_remote("pipe:cat x.tar") and is_remote("https://h/x.tar")
+    assert not is_remote("/data/x.tar") and not is_remote("file:/data/x.tar")

@@ -33,8 +33,11 @@ class AEA(Attack):
 
     def score(self, features: Features) -> np.ndarray:
         self._check_score_inputs(features)
-        base = cosine(features.image, features.text)  # (n,)
-        per_view = cosine(features.views, features.text[:, None, :])  # (n, K)
+        base = cosine(features.image, features.text)  # (n,) float32
+        if features.view_cosines is not None:  # what the cache keeps (mmia.cache: pairs)
+            per_view = features.view_cosines.astype(np.float32, copy=False)
+        else:
+            per_view = cosine(features.views, features.text[:, None, :])  # (n, K) float32
         return aggregate(base, per_view, self.aggregation)
 
 

@@ -21,6 +21,9 @@ class Features:
 
     image: (n, d) L2-normalised float32 features of view 0; text: (n, d);
     views: (n, K, d) features of augmented views 1..K, or None; captions default to "".
+    image_stats: (n, N_IMAGE_STATS) float32 image statistics for the blind baseline
+    (`mmia.attacks.blind.image_stats_of`), which it prefers to decoding `image_bytes`.
+    Attacks that need neither features accept zero-width (n, 0) image and text arrays.
     Pass fields by keyword.
     """
 
@@ -31,6 +34,8 @@ class Features:
     captions: list[str] | None = None
     image_bytes: list[bytes] | None = None
     groups: list[str] | None = None  # content digests: cross-validation keeps a group together
+    image_stats: np.ndarray | None = None
+    view_cosines: np.ndarray | None = None  # (n, K) cos(view k, caption): what AEA reads
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -44,6 +49,12 @@ class Features:
             raise ValueError("Features: image_bytes must have one entry per sample")
         if self.groups is not None and len(self.groups) != n:
             raise ValueError("Features: groups must have one entry per sample")
+        if self.image_stats is not None and (self.image_stats.ndim != 2
+                                             or self.image_stats.shape[0] != n):
+            raise ValueError("Features: image_stats must have shape (n, N_IMAGE_STATS)")
+        if self.view_cosines is not None and (self.view_cosines.ndim != 2
+                                              or self.view_cosines.shape[0] != n):
+            raise ValueError("Features: view_cosines must have shape (n, K)")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -62,16 +73,44 @@ class Features:
             captions=[self.captions[i] for i in pick],
             image_bytes=None if self.image_bytes is None else [self.image_bytes[i] for i in pick],
             groups=None if self.groups is None else [self.groups[i] for i in pick],
+            image_stats=None if self.image_stats is None else self.image_stats[idx],
+            view_cosines=None if self.view_cosines is None else self.view_cosines[idx],
         )
 
 
+COSINE_BLOCK_BYTES = 4 << 20  # inputs per block: stays in cache between the three reductions
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity along the last axis (inputs need not be normalised)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    num = np.sum(a * b, axis=-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return num / np.maximum(den, 1e-12)
+    """Row-wise cosine similarity along the last axis (inputs need not be normalised).
+
+    float32 throughout, in blocks over the leading axis (a and b broadcast against each other,
+    e.g. views (n, K, d) against text[:, None, :]): no float64 or full-size temporary copy of
+    the inputs, and each operand's norms are taken on its own shape, not the broadcast one.
+    Returns float32 of the broadcast shape without the last axis.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    if len(shape) == 1:
+        return _cosine_block(a, b)
+    a = a.reshape((1,) * (len(shape) - a.ndim) + a.shape)
+    b = b.reshape((1,) * (len(shape) - b.ndim) + b.shape)
+    out = np.empty(shape[:-1], dtype=np.float32)
+    step = max(1, COSINE_BLOCK_BYTES // max(1, int(np.prod(shape[1:])) * 4))
+    for start in range(0, shape[0], step):
+        rows = slice(start, min(start + step, shape[0]))
+        out[rows] = _cosine_block(a if a.shape[0] == 1 else a[rows],
+                                  b if b.shape[0] == 1 else b[rows])
+    return out
+
+
+def _cosine_block(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine along the last axis of one block of broadcastable a and b, in float32."""
+    a = a.astype(np.float32, copy=False)
+    b = b.astype(np.float32, copy=False)
+    num = np.einsum("...d,...d->...", a, b)
+    norms = np.einsum("...d,...d->...", a, a) * np.einsum("...d,...d->...", b, b)
+    return num / np.maximum(np.sqrt(norms), np.float32(1e-12))
 
 
 class Attack(BaseEstimator):
@@ -105,5 +144,8 @@ class Attack(BaseEstimator):
 
     def _check_score_inputs(self, features: Features) -> None:
         for req in self.requires:
-            if req in ("views", "image_bytes") and getattr(features, req) is None:
+            if req == "views" and features.views is None and features.view_cosines is None:
+                raise MissingInput(f"attack {self.name!r} requires Features.views or "
+                                   "Features.view_cosines to score")
+            if req == "image_bytes" and features.image_bytes is None:
                 raise MissingInput(f"attack {self.name!r} requires Features.{req} to score")
