@@ -19,7 +19,7 @@ import numpy as np
 from mmia.attacks import ATTACKS, Attack, Features, make_attack
 from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
 from mmia.attacks.wsa import CLASSIFIERS, FEATURE_SETS
-from mmia.cache import EmbeddingCache
+from mmia.cache import EmbeddingCache, quarantined_since
 from mmia.checks import check_attack_settings, check_embed_settings, check_fraction
 from mmia.embed import EmbedResult, embed_shards
 from mmia.errors import MmiaError
@@ -417,6 +417,7 @@ def run_audit(loaded, cfg: AuditConfig, command: str = "") -> AuditResult:
 
     loaded: a `LoadedModel` or a `mmia.modelref.LazyModel` (built only if something must be
     embedded)."""
+    started = time.time() - 1.0  # quarantine records' mtimes have whole-second granularity
     roles = {r: getattr(cfg, r) for r in ROLES}
     views = cfg.views if "aea" in cfg.attacks else 0
     embedded = {role: embed_role(loaded, cfg, role, patterns, role_views(role, views))
@@ -466,10 +467,15 @@ def run_audit(loaded, cfg: AuditConfig, command: str = "") -> AuditResult:
             pseudo_keys = [feats["pool"].keys[i] for i in run.attack.pseudo_member_idx_]
     if not scores:
         raise MmiaError("no attack could run: " + "; ".join(notes))
+    quarantined = quarantined_since(cache.folder, started)
+    if quarantined:
+        notes.append(f"{len(quarantined)} damaged cache segment(s) were quarantined and their "
+                     f"samples embedded again (e.g. {quarantined[0]})")
     provenance = {
         "model": {**loaded.description, "fingerprint": loaded.fingerprint},
         "data": data_provenance(roles, embedded),
         "skipped": {role: sum(r.skips.values()) for role, r in embedded.items()},
+        "cache": {"quarantined_segments": quarantined},
         "notes": notes,
         "settings": {"seed": cfg.seed, "views": views, "target_fpr": cfg.target_fpr,
                      "n_bootstrap": cfg.n_bootstrap, "aea_aggregation": cfg.aea_aggregation,

@@ -880,6 +880,24 @@ def compact_cache(root: str, target_bytes: int = SEGMENT_BYTES) -> tuple[int, in
     return merged, written
 
 
+def quarantined_since(folder: str, since: float) -> list[str]:
+    """"store/segment: reason" of every segment under `folder` quarantined at or after the time
+    `since` (by any process: the quarantine folders are the record)."""
+    found = []
+    for store in _store_folders(folder):
+        target = os.path.join(store, QUARANTINE)
+        if not os.path.isdir(target):
+            continue
+        for name in sorted(os.listdir(target)):
+            path = os.path.join(target, name)
+            if name.endswith(".reason.txt") and os.stat(path).st_mtime >= since:
+                with contextlib.suppress(OSError), open(path) as f:
+                    reason = f.read().strip()
+                    found.append(f"{os.path.relpath(store, folder)}/"
+                                 f"{name[: -len('.reason.txt')]}: {reason}")
+    return found
+
+
 def verify_cache(root: str) -> CacheReport:
     """Check every segment of every store under `root`; quarantine the bad ones."""
     if not os.path.isdir(root):

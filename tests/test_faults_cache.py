@@ -339,9 +339,17 @@ def test_audit_after_damage_gives_the_undamaged_scores(tmp_path, tiny_config, ca
         folder = cache / fingerprint / store
         for name in _segment_files(FeatureStore(str(folder))):
             _flip(folder / (name + FEATURES), offset=-3)
+    clean_metrics = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert clean_metrics["cache"]["quarantined_segments"] == []
+    damaged = sum(len(_segment_files(FeatureStore(str(cache / fingerprint / s))))
+                  for s in ("text", "image/view-000"))
     assert audit("damaged") == clean
     err = capsys.readouterr().err
     assert "quarantined segment" in err and "checksum mismatch" in err
+    metrics = json.loads((tmp_path / "damaged" / "metrics.json").read_text())
+    recorded = metrics["cache"]["quarantined_segments"]  # counted in the outputs, not only logged
+    assert len(recorded) == damaged >= 2 and all("checksum mismatch" in r for r in recorded)
+    assert any("quarantined" in n for n in metrics["notes"])
 
 
 def test_probe_sees_a_folder_that_cannot_be_written():
