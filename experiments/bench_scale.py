@@ -10,7 +10,8 @@ in a child process, exactly what a user runs on a warm cache:
                --attacks csa,aea,wsa,blind --views 10 --cache … --out …
 
 and reports its wall time and peak RSS, plus the cost per sample of looking features up in a
-cache of N samples against one of 10^4 (the same block of 10^4 random samples, all stores).
+cache of N samples against one of 10^4 (10^4 lookups in each store an audit reads, the two caches
+measured in alternating rounds).
 
     python experiments/bench_scale.py --n 1000000       # targets: audit_s ≤ 60, peak_rss_gb ≤ 2
     python experiments/bench_scale.py --n 10000         # quick check
@@ -117,35 +118,43 @@ def build(root: Path, n: int, known: int, pool: int, seed: int) -> dict[str, lis
     return urls
 
 
-def lookup_us(cache_root: str, urls: list[str], rows: int, seed: int) -> float:
-    """µs per sample to look `rows` samples up in the index of every store an audit reads
-    (image, caption, K cosines): half of them cached, half absent, in random order (what
-    `embed` asks per chunk and the warm check asks per shard). Median of 5 repeats."""
+def lookup_queries(cache_root: str, urls: list[str], rows: int, seed: int) -> list:
+    """(store, digests) for every store an audit reads (image, caption, K cosines), each store
+    opened afresh as a new audit process opens it: `rows` samples, half of them cached and half
+    absent, in random order (what `embed` asks per chunk and the warm check per shard)."""
     index = SampleIndex(cache_root)
     labels = shard_labels(urls)
     table = SampleTable.from_shards([(u, index.load(u, shard_identity(u), labels[u]))
                                      for u in urls])
     cache = EmbeddingCache(cache_root, LazyModel(REQUEST, cache_root).fingerprint)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 7])  # not the stream the cache's digests came from
     pick = rng.choice(len(table), rows // 2, replace=False)
     absent = digests(rng, rows - rows // 2)
-
-    def fresh(store: FeatureStore) -> FeatureStore:  # as a new audit process opens it
-        return FeatureStore(store.folder).refresh()
-
-    queries = [(fresh(cache.image(0)), np.r_[table.image_digest[pick], absent]),
-               (fresh(cache.text), np.r_[table.caption_digest[pick], absent]),
-               (fresh(cache.pairs(VIEWS)), np.r_[table.pair_digest[pick], absent])]
+    queries = [(FeatureStore(cache.image(0).folder).refresh(),
+                np.r_[table.image_digest[pick], absent]),
+               (FeatureStore(cache.text.folder).refresh(),
+                np.r_[table.caption_digest[pick], absent]),
+               (FeatureStore(cache.pairs(VIEWS).folder).refresh(),
+                np.r_[table.pair_digest[pick], absent])]
     for store, query in queries:  # first touch: verification of the segments it hits
+        found = int(store.contains(query).sum())
+        assert found == rows // 2, (store.folder, found)
+    return queries
+
+
+def lookup_seconds(queries: list) -> float:
+    start = time.perf_counter()
+    for store, query in queries:
         store.contains(query)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for store, query in queries:
-            found = store.contains(query)
-        times.append(time.perf_counter() - start)
-    assert found.sum() == rows // 2
-    return float(np.median(times)) / rows * 1e6
+    return time.perf_counter() - start
+
+
+def lookup_us(big: list, small: list, rows: int, rounds: int = 9) -> tuple[float, float, float]:
+    """µs per sample in the big and the small cache, and their ratio: rounds alternate between
+    the two (so a machine that slows down meanwhile slows both), medians over the rounds."""
+    times = np.array([(lookup_seconds(big), lookup_seconds(small)) for _ in range(rounds)])
+    big_us, small_us = np.median(times, axis=0) / rows * 1e6
+    return float(big_us), float(small_us), float(np.median(times[:, 0] / times[:, 1]))
 
 
 def run_audit(root: Path, urls: dict[str, list[str]]) -> tuple[float, float, str]:
@@ -180,18 +189,19 @@ def main() -> None:
         small = build(root / "small", 10_000, 1_000, 1_000, args.seed + 1)
         print(f"built warm caches in {time.perf_counter() - start:.0f} s", flush=True)
         rows = min(10_000, args.n)  # the same number of lookups in both caches
-        big_us = lookup_us(str(root / "big" / "cache"), urls["members"] + urls["nonmembers"],
-                           rows, args.seed)
-        small_us = lookup_us(str(root / "small" / "cache"),
-                             small["members"] + small["nonmembers"], rows, args.seed)
+        big_us, small_us, ratio = lookup_us(
+            lookup_queries(str(root / "big" / "cache"), urls["members"] + urls["nonmembers"],
+                           rows, args.seed),
+            lookup_queries(str(root / "small" / "cache"), small["members"] + small["nonmembers"],
+                           rows, args.seed), rows)
         seconds, rss_gb, stdout = run_audit(root / "big", urls)
         print(stdout)
         print(f"machine: {os.cpu_count()} cores; {args.n} evaluation samples, {args.known} known "
               f"non-members, {args.pool} pool, d={DIM}, K={VIEWS}")
-        print(f"index lookups (image, caption, cosines; half absent): {big_us:.2f} µs/sample "
-              f"at n={args.n}, {small_us:.2f} at n=10^4")
+        print(f"index lookups (image, caption, cosines; half absent; medians of 9 alternating "
+              f"rounds): {big_us:.2f} µs/sample at n={args.n}, {small_us:.2f} at n=10^4")
         print(f"n={args.n} lookup_us_per_sample={big_us:.2f} "
-              f"lookup_ratio_vs_1e4={big_us / small_us:.2f} audit_s={seconds:.1f} "
+              f"lookup_ratio_vs_1e4={ratio:.2f} audit_s={seconds:.1f} "
               f"peak_rss_gb={rss_gb:.2f}")
     finally:
         if not args.root:
