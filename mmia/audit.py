@@ -477,18 +477,22 @@ def run_audit(loaded, cfg: AuditConfig, command: str = "") -> AuditResult:
         "skipped": {role: sum(r.skips.values()) for role, r in embedded.items()},
         "cache": {"quarantined_segments": quarantined},
         "notes": notes,
-        "settings": {"seed": cfg.seed, "views": views, "target_fpr": cfg.target_fpr,
-                     "n_bootstrap": cfg.n_bootstrap, "aea_aggregation": cfg.aea_aggregation,
-                     "wsa_classifier": cfg.wsa_classifier, "wsa_lambda": cfg.wsa_lambda,
-                     "wsa_features": cfg.wsa_features,
-                     "calibration_fraction": cfg.calibration_fraction,
-                     "augment": cache.augment.__dict__},
+        "settings": {**settings_provenance(cfg, views, cache), "n_bootstrap": cfg.n_bootstrap},
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     samples = {"captions": records.caption.tolist(), "image_loader": ImageLoader(records)}
     return AuditResult(metrics, scores, labels, records.key.tolist(), notes, embedded,
                        pseudo_keys, provenance, samples)
+
+
+def settings_provenance(cfg: AttackSettings, views: int, cache: EmbeddingCache) -> dict:
+    """The attack settings an audit or an inference ran with, for its provenance."""
+    return {"seed": cfg.seed, "views": views, "target_fpr": cfg.target_fpr,
+            "aea_aggregation": cfg.aea_aggregation, "wsa_classifier": cfg.wsa_classifier,
+            "wsa_lambda": cfg.wsa_lambda, "wsa_features": cfg.wsa_features,
+            "calibration_fraction": cfg.calibration_fraction,
+            "augment": cache.augment.__dict__}
 
 
 def data_provenance(patterns: dict[str, list[str]], embedded: dict[str, EmbedResult]) -> dict:

@@ -40,7 +40,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=integer, default=None,
                    help="DataLoader workers (default 1)")
     p.add_argument("--threads", type=integer, default=None,
-                   help="torch CPU threads (default: the cores the workers leave, at least 1)")
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else the cores; lower "
+                        "it on a machine busy with other work)")
     p.add_argument("--keep-view-features", action="store_true",
                    help="also cache each augmented view's features (AEA needs only their "
                         "cosines, which are always cached; views × 2 KB per image at d=512)")
@@ -264,9 +265,26 @@ def cli_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(args: argparse.Namespace, cfg, roles, run):
+    """What `audit` and `infer` share after their config: check the inputs, embed (every
+    torchrun rank its share), then on rank 0 (or alone) `run(model, cfg, command)`, print its
+    notes and write its outputs; the result, or None on the other ranks."""
+    from mmia.distributed import embed_config_in_shares, setup_rank
+
+    check_run_inputs(args.device, cfg, roles)
+    args.device = setup_rank(args.device)  # under torchrun: this rank's GPU; else as given
+    loaded = _load(args)
+    if not embed_config_in_shares(loaded, cfg):  # torchrun: every rank embeds its share
+        return None  # rank 0 alone runs the attacks and writes the outputs
+    result = run(loaded, cfg, args.command_line)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    result.write(cfg.out)
+    return result
+
+
 def cli_audit(args: argparse.Namespace) -> int:
     from mmia.audit import ROLES, AuditConfig, format_table, parse_attacks, run_audit
-    from mmia.distributed import embed_config_in_shares, setup_rank
     from mmia.report import console_notes
 
     cfg = AuditConfig(  # validates every setting: one line before any work
@@ -279,15 +297,9 @@ def cli_audit(args: argparse.Namespace) -> int:
         wsa_features=args.wsa_features,
         calibration_fraction=args.calibration_fraction, progress=not args.no_progress,
         keep_view_features=args.keep_view_features, threads=args.threads)
-    check_run_inputs(args.device, cfg, ROLES)
-    args.device = setup_rank(args.device)  # under torchrun: this rank's GPU; else as given
-    loaded = _load(args)
-    if not embed_config_in_shares(loaded, cfg):  # torchrun: every rank embeds its share
-        return 0  # rank 0 alone runs the attacks and writes the outputs
-    result = run_audit(loaded, cfg, args.command_line)
-    for note in result.notes:
-        print(note, file=sys.stderr)
-    result.write(cfg.out)
+    result = run_config(args, cfg, ROLES, run_audit)
+    if result is None:
+        return 0
     print(format_table([("audit", n, m) for n, m in result.metrics.items()]))
     for line in console_notes(result.metrics):
         print(line)
@@ -315,7 +327,6 @@ def cli_pilot(args: argparse.Namespace) -> int:
 
 
 def cli_infer(args: argparse.Namespace) -> int:
-    from mmia.distributed import embed_config_in_shares, setup_rank
     from mmia.infer import OUTPUTS, ROLES, InferConfig, console_lines, parse_attacks, run_inference
 
     cfg = InferConfig(  # validates every setting: one line before any work
@@ -328,15 +339,9 @@ def cli_infer(args: argparse.Namespace) -> int:
         calibration_fraction=args.calibration_fraction,
         progress=not args.no_progress, keep_view_features=args.keep_view_features,
         threads=args.threads)
-    check_run_inputs(args.device, cfg, ROLES)
-    args.device = setup_rank(args.device)  # under torchrun: this rank's GPU; else as given
-    loaded = _load(args)
-    if not embed_config_in_shares(loaded, cfg):  # torchrun: every rank embeds its share
-        return 0  # rank 0 alone runs the attacks and writes the outputs
-    result = run_inference(loaded, cfg, args.command_line)
-    for note in result.notes:
-        print(note, file=sys.stderr)
-    result.write(cfg.out)
+    result = run_config(args, cfg, ROLES, run_inference)
+    if result is None:
+        return 0
     print("\n".join(console_lines(result)))
     print(f"wrote {', '.join(OUTPUTS)} to {cfg.out}")
     return 0

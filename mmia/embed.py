@@ -141,7 +141,7 @@ def embed_shards(
     share of one torchrun process; the samples of the other shards are not in the result).
     keep_view_features: also keep each augmented view's features (20 GB per 10^6 images at
     K = 10, d = 512), not only the cosines AEA needs. threads: torch's CPU threads (default:
-    the cores the workers leave).
+    OMP_NUM_THREADS, else this process's share of the cores).
     """
     check_embed_settings(views, batch_size, workers, threads)
     start = time.perf_counter()

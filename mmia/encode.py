@@ -574,18 +574,18 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
 
 
 def torch_threads(workers: int, threads: int | None) -> int:
-    """Torch's intra-op threads beside `workers` decoding processes: the cores this process's
-    share leaves (at least 1), unless set (--threads, else OMP_NUM_THREADS). A share is the
-    machine's cores over its torchrun ranks (LOCAL_WORLD_SIZE). Two torch threads beside a
-    worker on 2 cores ran 8-10× slower than one."""
+    """Torch's intra-op threads: --threads if given, else OMP_NUM_THREADS if set, else this
+    process's share of the cores (the machine's over its torchrun ranks, LOCAL_WORLD_SIZE).
+    The decoding workers are not subtracted: the encoder dominates (one thread beside a worker
+    halved ViT-B-32's end-to-end rate on 2 cores, experiments/bench_embed.py); on a machine busy
+    with other work, fewer threads can help (experiments/bench_threads.py --busy 1)."""
     if threads is not None:
         return threads
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
     ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    share = (os.cpu_count() or 1) // max(1, int(ranks) if ranks.isdigit() else 1)
-    return max(1, share - workers)
+    return max(1, (os.cpu_count() or 1) // max(1, int(ranks) if ranks.isdigit() else 1))
 
 
 def encode_shards(loaded, plan: StreamPlan, cache: EmbeddingCache, views: int, batch_size: int,

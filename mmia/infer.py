@@ -40,11 +40,13 @@ from mmia.audit import (
     AttackSettings,
     AuditConfig,
     check_roles_disjoint,
+    data_provenance,
     embed_role,
     features_of,
     first_line,
     role_views,
     run_attack,
+    settings_provenance,
     skipped_attacks,
 )
 from mmia.cache import EmbeddingCache
@@ -583,17 +585,9 @@ def _provenance(loaded, cfg: InferConfig, embedded: dict[str, EmbedResult],
                 notes: list[str], command: str, cache: EmbeddingCache, views: int) -> dict:
     return {
         "model": {**loaded.description, "fingerprint": loaded.fingerprint},
-        "data": {role: {"patterns": getattr(cfg, role), "samples": len(r.records),
-                        "skipped": dict(r.skips), "warnings": dict(r.warnings),
-                        "skip_examples": dict(getattr(r, "skip_examples", {}))}
-                 for role, r in embedded.items()},
-        "settings": {"seed": cfg.seed, "views": views, "target_fpr": cfg.target_fpr,
-                     "alpha": cfg.alpha, "attacks": list(cfg.attacks),
-                     "aea_aggregation": cfg.aea_aggregation,
-                     "wsa_classifier": cfg.wsa_classifier, "wsa_lambda": cfg.wsa_lambda,
-                     "wsa_features": cfg.wsa_features,
-                     "calibration_fraction": cfg.calibration_fraction,
-                     "augment": cache.augment.__dict__},
+        "data": data_provenance({role: getattr(cfg, role) for role in embedded}, embedded),
+        "settings": {**settings_provenance(cfg, views, cache), "alpha": cfg.alpha,
+                     "attacks": list(cfg.attacks)},
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
