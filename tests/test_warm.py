@@ -216,3 +216,48 @@ def test_torch_threads_default_to_this_process_share_of_the_cores(monkeypatch):
     assert torch_threads(1, None) == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert torch_threads(1, None) == 3 and torch_threads(1, 2) == 2
+
+
+def test_an_http_shard_changed_in_place_is_read_again(tmp_path, tiny_model):
+    """A tar keeps its length when a caption changes; the index trusts the server's
+    Last-Modified (or ETag), never the length alone."""
+    members = good_members(0, 3)
+    write_shard(tmp_path / "00000.tar", members)
+    size = (tmp_path / "00000.tar").stat().st_size
+    with serve_folder(tmp_path) as base:
+        url = f"{base}/00000.tar"
+        _embed(tiny_model, [url], tmp_path / "c")
+        edited = [(n, d.replace(b"a photo", b"b photo")) for n, d in members]
+        write_shard(tmp_path / "00000.tar", edited)
+        later = (tmp_path / "00000.tar").stat().st_mtime + 5
+        os.utime(tmp_path / "00000.tar", (later, later))
+        assert (tmp_path / "00000.tar").stat().st_size == size
+        again = _embed(tiny_model, [url], tmp_path / "c")
+    assert again.shards_read == 1
+    assert all(c.startswith("b photo") for c in again.records.caption)
+
+
+def test_a_shard_that_broke_off_is_not_indexed(tmp_path, tiny_model):
+    """A truncated read may be an I/O error of the moment: the shard is read again next time."""
+    path = tmp_path / "00000.tar"
+    write_shard(path, good_members(0, 4))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    first = _embed(tiny_model, [str(path)], tmp_path / "c")
+    assert first.skips["truncated_shard"] == 1 and len(first.records) >= 1
+    again = _embed(tiny_model, [str(path)], tmp_path / "c")
+    assert again.shards_read == 1 and _summary(again) == _summary(first)
+
+
+def test_samples_with_nothing_to_encode_are_committed_as_they_go(tmp_path, tiny_model):
+    """Pair cosines from kept view features need no forward pass; they are still committed in
+    steps of `flush_every`, not all at the end."""
+    pattern = write_good_shards(tmp_path, 1, 24)
+    _embed(tiny_model, [pattern], tmp_path / "c", views=3, keep_view_features=True)
+    again = _embed(tiny_model, [pattern], tmp_path / "c", views=2, keep_view_features=True,
+                   flush_every=8)
+    assert again.forward_passes == 0 and again.embedded == 24
+    from mmia.cache import EmbeddingCache
+
+    store = EmbeddingCache(str(tmp_path / "c"), tiny_model.fingerprint).pairs(2)
+    assert len(os.listdir(store.folder)) >= 3 * 3  # ≥ 3 commits of 3 files each
