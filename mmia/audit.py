@@ -7,6 +7,7 @@ beside the attacks. `run_audit` returns an `AuditResult` and neither prints nor 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,15 +19,26 @@ import numpy as np
 
 from mmia.attacks import ATTACKS, Attack, Features, make_attack
 from mmia.attacks.aea import AGGREGATIONS, DEFAULT_AGGREGATION
+from mmia.attacks.base import cosine
+from mmia.attacks.mcd import DEFAULT_STATISTIC, STATISTICS
+from mmia.attacks.rcsa import CALIBRATIONS, DEFAULT_CALIBRATION
 from mmia.attacks.wsa import CLASSIFIERS, FEATURE_SETS
 from mmia.cache import EmbeddingCache, quarantined_since
-from mmia.checks import check_attack_settings, check_embed_settings, check_fraction
+from mmia.checks import check_attack_settings, check_embed_settings, check_fraction, check_int
 from mmia.embed import EmbedResult, embed_shards
 from mmia.errors import MmiaError
 from mmia.metrics import evaluate
+from mmia.modelref import LazyModel, ModelRequest
 from mmia.report import write_outputs
 from mmia.sample_index import ImageLoader, SampleRecord, SampleTable
 from mmia.shards import is_remote, local_path
+from mmia.variants import (
+    MCD_DROPOUT,
+    MCD_PASSES,
+    WhiteboxNorms,
+    dropout_passes,
+    whitebox_features,
+)
 
 log = logging.getLogger(__name__)
 ROLES = ("members", "nonmembers", "known_nonmembers", "pool")
@@ -49,6 +61,10 @@ class AttackSettings:
     wsa_classifier: str = "mlp"
     wsa_lambda: float | str = "auto"  # or a number; auto: mmia.attacks.wsa's grid search
     wsa_features: str = "concat"  # or "concat_cos": [image ‖ text ‖ cosine] (Gomez)
+    rcsa_calibration: str = DEFAULT_CALIBRATION
+    mcd_passes: int = MCD_PASSES
+    mcd_dropout: float = MCD_DROPOUT
+    mcd_statistic: str = DEFAULT_STATISTIC
     calibration_fraction: float = 0.5
     progress: bool | Callable = False
     keep_view_features: bool = False
@@ -67,6 +83,8 @@ class AuditConfig(AttackSettings):
     `calibration_fraction`: share of the known non-members held out of the fitting of attacks
     that learn from them (WSA), to set their threshold.
     `progress`: False, True (a tqdm bar on stderr) or a callable(done, counts) per chunk.
+    `references`: reference models for rcsa (models that did not train on the evaluation
+    samples), as load requests; their features are cached under their own fingerprints.
     """
 
     members: list[str]
@@ -76,6 +94,7 @@ class AuditConfig(AttackSettings):
     attacks: tuple[str, ...] = ("csa", "aea", "wsa", "blind")
     out: str = "mmia-out"
     n_bootstrap: int = 1000
+    references: tuple[ModelRequest, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +118,25 @@ class AuditConfig(AttackSettings):
         if self.wsa_features not in FEATURE_SETS:
             raise MmiaError(f"--wsa-features {self.wsa_features!r} is not one of "
                             f"{', '.join(FEATURE_SETS)}")
+        check_companion_settings(self.rcsa_calibration, self.mcd_passes, self.mcd_dropout,
+                                 self.mcd_statistic)
+        if any(not isinstance(r, ModelRequest) for r in self.references):
+            raise MmiaError("references must be mmia.modelref.ModelRequest values")
+
+
+def check_companion_settings(calibration: object, passes: object, dropout: object,
+                             statistic: object) -> None:
+    """--rcsa-calibration, --mcd-passes (≥ 2), --mcd-dropout (in (0, 1)) and --mcd-statistic,
+    or one line."""
+    if calibration not in CALIBRATIONS:
+        raise MmiaError(f"--rcsa-calibration {calibration!r} is not one of "
+                        f"{', '.join(CALIBRATIONS)}")
+    check_int("--mcd-passes", passes, 2)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0 < dropout < 1:
+        raise MmiaError(f"--mcd-dropout must lie strictly between 0 and 1, got {dropout!r}")
+    if statistic not in STATISTICS:
+        raise MmiaError(f"--mcd-statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
 
 
 @dataclass
@@ -151,6 +189,7 @@ class RoleSamples:
     table: SampleTable
     cache: EmbeddingCache
     views: int = 0
+    companions: dict[str, tuple[EmbeddingCache, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -165,10 +204,12 @@ class RoleSamples:
         views = None
         if self.views:
             views = self.cache.pairs(self.views).read(t.pair_digest)
+        extra = {name: companion_features(name, caches, t)
+                 for name, caches in self.companions.items()}
         return Features(keys=t.key.tolist(), image=self.cache.image(0).read(t.image_digest),
                         text=self.cache.text.read(t.caption_digest), view_cosines=views,
                         captions=t.caption.tolist(), groups=t.image_digest.tolist(),
-                        image_stats=t.stats)
+                        image_stats=t.stats, **extra)
 
     def blocks(self, size: int = BLOCK_ROWS) -> Iterator[Features]:
         for start in range(0, len(self), size):
@@ -180,6 +221,17 @@ class RoleSamples:
         return Features(keys=t.key.tolist(), image=empty, text=empty,
                         captions=t.caption.tolist(), groups=t.image_digest.tolist(),
                         image_stats=t.stats)
+
+
+def companion_features(name: str, caches: tuple[EmbeddingCache, ...],
+                       table: SampleTable) -> np.ndarray:
+    """A Features field read from companion models' caches: the white-box norms, or each
+    model's image-caption cosine (reference models, MC-dropout passes) as a column."""
+    if name == "whitebox":
+        return whitebox_features(caches[0].image(0).read(table.image_digest),
+                                 caches[0].text.read(table.caption_digest))
+    return np.stack([cosine(c.image(0).read(table.image_digest),
+                            c.text.read(table.caption_digest)) for c in caches], axis=1)
 
 
 def features_of(records, cache: EmbeddingCache, views: int) -> Features:
@@ -303,10 +355,16 @@ def fit_attack(name: str, cfg: AttackSettings, feats: dict,
     """Fit one attack and score the known non-members it did not train on (its calibration);
     the evaluation set is scored afterwards, by `score_runs` (the blind baseline, supervised on
     the evaluation labels, gets its cross-validated scores here)."""
+    # white-box negatives from the pool where there is one: every known non-member calibrates
+    whitebox_params = {"negatives": "pool" if feats["pool"] is not None else "known_nonmembers",
+                       "seed": cfg.seed}
     params = {"aea": {"aggregation": cfg.aea_aggregation},
               "wsa": {"classifier": cfg.wsa_classifier, "lam": cfg.wsa_lambda,
                       "features": cfg.wsa_features,
-                      "seed": cfg.seed}}.get(name, {})
+                      "seed": cfg.seed},
+              "rcsa": {"calibration": cfg.rcsa_calibration},
+              "mcd": {"statistic": cfg.mcd_statistic},
+              "loss": whitebox_params, "grad": whitebox_params}.get(name, {})
     attack = make_attack(name, **params)
     evaluation = feats["evaluation"]
     if "labels" in attack.requires:  # the blind baseline: cross-validated on evaluation labels
@@ -364,11 +422,15 @@ def skipped_attacks(cfg: AuditConfig, have: dict[str, bool]) -> dict[str, str]:
     """Attacks whose inputs are missing, with the reason."""
     reasons = {}
     for name in cfg.attacks:
-        needs = [r for r in ATTACKS[name].requires if r in ("known_nonmembers", "pool", "views")]
+        needs = [r for r in ATTACKS[name].requires
+                 if r in ("known_nonmembers", "pool", "views", "references", "mcd", "whitebox")]
         missing = [r for r in needs if not have.get(r)]
-        if missing:
-            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-            reasons[name] = f"needs {flags}" if "views" not in missing else "needs --views ≥ 1"
+        if "views" in missing:
+            reasons[name] = "needs --views ≥ 1"
+        elif "references" in missing:
+            reasons[name] = "needs reference models: --reference CKPT (repeatable)"
+        elif missing:
+            reasons[name] = "needs " + ", ".join("--" + m.replace("_", "-") for m in missing)
     return reasons
 
 
@@ -392,6 +454,12 @@ def attack_metrics(run: AttackRun, cfg: AuditConfig, labels: np.ndarray) -> dict
                  n_pseudo_members=int(attack.n_pseudo_members_),
                  wsa_threshold=float(attack.threshold_), wsa_known_csa_mean=attack.mu_,
                  wsa_known_csa_std=attack.sigma_, wsa_epochs=attack.epochs_run_)
+    if attack.name in ("loss", "grad"):
+        m.update(whitebox_negatives=attack.negatives,
+                 n_whitebox_negatives=len(attack.negative_text_))
+    if attack.name == "rcsa":
+        m.update(rcsa_calibration=attack.calibration, rcsa_spread=attack.spread_,
+                 rcsa_coef=None if attack.coef_ is None else [float(c) for c in attack.coef_])
     return m
 
 
@@ -405,6 +473,89 @@ def embed_role(loaded, cfg: AttackSettings, role: str, patterns: list[str],
     drop_duplicate_content(result)
     log.info("%s: %s", role, result.summary().replace("\n", f"\n{role}: "))
     return result
+
+
+COMPANION_ROLES = ("members", "nonmembers", "known_nonmembers")  # what rcsa, mcd, loss read
+
+
+def reference_models(cfg: AuditConfig, target_fingerprint: str | None = None) -> list[LazyModel]:
+    """The reference models rcsa compares the target with (none unless it runs); a reference
+    with the target's own fingerprint is refused: it would calibrate the target by itself."""
+    if "rcsa" not in cfg.attacks:
+        return []
+    models = [LazyModel(request, cfg.cache) for request in cfg.references]
+    if target_fingerprint is not None:
+        for request, model in zip(cfg.references, models, strict=True):
+            if model.fingerprint == target_fingerprint:
+                raise MmiaError(f"reference {request.pretrained or request.name!r} is the target "
+                                "model itself: a reference must not have trained on the "
+                                "evaluation samples")
+    return models
+
+
+# the models besides the target, by the Features field they fill, and the attacks reading it
+COMPANIONS = {"ref_cosines": ("rcsa",), "mcd_cosines": ("mcd",), "whitebox": ("loss", "grad")}
+
+
+def companion_group(name: str, cfg: AuditConfig, loaded) -> list:
+    """Reference models (rcsa), MC-dropout passes of the target (mcd), or the target's
+    projection norms (loss, grad)."""
+    if name == "ref_cosines":
+        return reference_models(cfg, loaded.fingerprint)
+    if name == "mcd_cosines":
+        return dropout_passes(loaded, cfg.mcd_passes, cfg.mcd_dropout)
+    return [WhiteboxNorms(loaded)]
+
+
+def companion_models(cfg: AuditConfig, loaded) -> tuple[dict[str, list], dict[str, str]]:
+    """The companion models the chosen attacks read, by field, and {field: why} for those that
+    cannot be made (their attacks are skipped; the others run)."""
+    models: dict[str, list] = {}
+    failed: dict[str, str] = {}
+    for name, attacks in COMPANIONS.items():
+        if not set(attacks) & set(cfg.attacks) or (name == "ref_cosines" and not cfg.references):
+            continue
+        try:
+            models[name] = companion_group(name, cfg, loaded)
+        except MmiaError as exc:
+            failed[name] = first_line(exc)
+    return models, failed
+
+
+def companion_jobs(cfg: AuditConfig, models: dict[str, list]) -> list[tuple[object, str, list]]:
+    """(model, what to call it, shard patterns) of every embedding the companion `models`
+    (`companion_models`) must make."""
+    what = {"ref_cosines": "reference", "mcd_cosines": "dropout pass", "whitebox": "white-box"}
+    return [(model, f"{role} ({what[name]} {i + 1})", list(getattr(cfg, role)))
+            for name, group in models.items()
+            for i, model in enumerate(group)
+            for role in COMPANION_ROLES if getattr(cfg, role)]
+
+
+def embed_companions(cfg: AuditConfig,
+                     loaded) -> tuple[dict[str, tuple[EmbeddingCache, ...]], dict[str, str]]:
+    """Embed (or find cached) what the companion models must give: their caches by field, and
+    {field: why} for those that failed (a model that cannot be built or embedded with)."""
+    models, failed = companion_models(cfg, loaded)
+    caches = {}
+    for name, group in models.items():
+        try:
+            for model, role, patterns in companion_jobs(cfg, {name: group}):
+                embed_role(model, cfg, role, patterns, 0)
+        except MmiaError as exc:
+            failed[name] = first_line(exc)
+            continue
+        caches[name] = tuple(EmbeddingCache(cfg.cache, m.fingerprint) for m in group)
+    return caches, failed
+
+
+def reference_provenance(cfg: AuditConfig, companions: dict) -> list[dict]:
+    """Each reference model rcsa used: its load request and fingerprint."""
+    refs = companions.get("ref_cosines", ())
+    if not refs:
+        return []
+    return [{**dataclasses.asdict(request), "fingerprint": ref.fingerprint}
+            for request, ref in zip(cfg.references, refs, strict=True)]
 
 
 def role_views(role: str, views: int) -> int:
@@ -429,17 +580,24 @@ def run_audit(loaded, cfg: AuditConfig, command: str = "") -> AuditResult:
                         "and the skip counts above")
     check_roles_disjoint({role: r.records for role, r in embedded.items()})
     cache = EmbeddingCache(cfg.cache, loaded.fingerprint)
+    companions, companion_failures = embed_companions(cfg, loaded)
     records = SampleTable.concat([members, nonmembers])
     labels = np.r_[np.ones(len(members), np.int64), np.zeros(len(nonmembers), np.int64)]
-    evaluation = RoleSamples(records, cache, views)
+    evaluation = RoleSamples(records, cache, views, companions)
     feats: dict = {"evaluation": evaluation}
     for role in ("known_nonmembers", "pool"):
         recs = embedded[role].records if role in embedded else SampleTable.empty()
-        feats[role] = RoleSamples(recs, cache, role_views(role, views)).features() \
+        feats[role] = RoleSamples(recs, cache, role_views(role, views),
+                                  companions if role in COMPANION_ROLES else {}).features() \
             if len(recs) else None
     have = {"known_nonmembers": feats["known_nonmembers"] is not None,
-            "pool": feats["pool"] is not None, "views": views > 0}
+            "pool": feats["pool"] is not None, "views": views > 0,
+            "references": "ref_cosines" in companions, "mcd": "mcd_cosines" in companions,
+            "whitebox": "whitebox" in companions}
     skipped = skipped_attacks(cfg, have)
+    skipped.update({name: f"could not use its companion models: {why}"
+                    for field_name, why in companion_failures.items()
+                    for name in COMPANIONS[field_name] if name in cfg.attacks})
     notes = [f"attack {name} skipped: it {why}" for name, why in skipped.items()]
     runs: dict[str, AttackRun] = {}
     for name in cfg.attacks:
@@ -477,7 +635,8 @@ def run_audit(loaded, cfg: AuditConfig, command: str = "") -> AuditResult:
         "skipped": {role: sum(r.skips.values()) for role, r in embedded.items()},
         "cache": {"quarantined_segments": quarantined},
         "notes": notes,
-        "settings": {**settings_provenance(cfg, views, cache), "n_bootstrap": cfg.n_bootstrap},
+        "settings": {**settings_provenance(cfg, views, cache), "n_bootstrap": cfg.n_bootstrap,
+                     "references": reference_provenance(cfg, companions)},
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -491,6 +650,8 @@ def settings_provenance(cfg: AttackSettings, views: int, cache: EmbeddingCache) 
     return {"seed": cfg.seed, "views": views, "target_fpr": cfg.target_fpr,
             "aea_aggregation": cfg.aea_aggregation, "wsa_classifier": cfg.wsa_classifier,
             "wsa_lambda": cfg.wsa_lambda, "wsa_features": cfg.wsa_features,
+            "rcsa_calibration": cfg.rcsa_calibration, "mcd_passes": cfg.mcd_passes,
+            "mcd_dropout": cfg.mcd_dropout, "mcd_statistic": cfg.mcd_statistic,
             "calibration_fraction": cfg.calibration_fraction,
             "augment": cache.augment.__dict__}
 

@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -158,6 +159,7 @@ def _sha256(array: np.ndarray) -> str:
 SEGMENT_BYTES = 256 << 20  # compaction merges small segments into ones of about this size
 COMPACT_AFTER = 64  # small segments a store may have before an embed run compacts it
 VERIFY_BLOCK_BYTES = 16 << 20  # feature data is checked in reads of this size (not mapped)
+RESTAT_SECONDS = 1.0  # how long `contains` trusts a stat that found a checked file in place
 
 
 def _check_data(path: str, offset: int, shape: tuple[int, int], sha256: str) -> None:
@@ -197,89 +199,169 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                 0x27D4EB2F165667C5], np.uint64)
+_MIX = [np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                               0x27D4EB2F165667C5)]
 
 
 def key_hash(keys: np.ndarray) -> np.ndarray:
     """A 64-bit mix of each 32-byte digest (vectorised): what the index sorts and searches by;
-    integer comparisons are ~10× faster than 32-byte string ones. Equal hashes are checked
-    against the digests, so a collision costs time, never a wrong row."""
+    integer comparisons are ~10× faster than 32-byte string ones, and the top bits of a
+    uniform hash pick a bucket of the directory. Equal hashes are checked against the
+    digests, so a collision costs time, never a wrong row."""
     words = np.ascontiguousarray(keys, dtype=DIGEST_DTYPE).view(np.uint64).reshape(-1, 4)
     with np.errstate(over="ignore"):
-        h = (words * _MIX).sum(axis=1, dtype=np.uint64)
+        h = words[:, 0] * _MIX[0]  # column by column: a sum over a short axis is slow
+        for column in range(1, 4):
+            h += words[:, column] * _MIX[column]
         h ^= h >> np.uint64(31)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(29)
     return h
 
 
+def _words(keys: np.ndarray) -> np.ndarray:
+    """Each 32-byte digest as four uint64 words (a view where possible)."""
+    return np.ascontiguousarray(keys, dtype=DIGEST_DTYPE).view(np.uint64).reshape(-1, 4)
+
+
+HASH, WORDS, WHERE = 0, slice(1, 5), 5  # the columns of an index table
+LOW32 = np.uint64(0xFFFFFFFF)
+
+
+class _Run(NamedTuple):
+    """Index entries sorted by hash and a directory of their buckets.
+
+    One row of 48 bytes per entry: [hash, the digest's four words, segment << 32 | row], so
+    a found entry's digest and place are read from the lines its hash was read from.
+    """
+
+    table: np.ndarray  # (n, 6) uint64, sorted by column HASH (stable: older entries first)
+    directory: np.ndarray  # bucket b holds rows directory[b]:directory[b + 1]
+    shift: np.uint64  # bucket of a hash h: h >> shift
+
+    @property
+    def hashes(self) -> np.ndarray:
+        return self.table[:, HASH]
+
+    @property
+    def keys(self) -> np.ndarray:
+        return np.ascontiguousarray(self.table[:, WORDS]).view(DIGEST_DTYPE).reshape(-1)
+
+
+def _directory(hashes: np.ndarray) -> tuple[np.ndarray, np.uint64]:
+    """Bucket boundaries on the top bits of the sorted (uniform) hashes: 0.5–1 entries per
+    bucket on average (8 bytes per entry at most); O(n)."""
+    bits = min(max(1, int(len(hashes)).bit_length()), 62)
+    shift = np.uint64(64 - bits)
+    counts = np.bincount((hashes >> shift).astype(np.intp), minlength=1 << bits)
+    directory = np.zeros((1 << bits) + 1, np.int32 if len(hashes) < 2**31 else np.int64)
+    np.cumsum(counts, out=directory[1:])
+    return directory, shift
+
+
+def _run(table: np.ndarray) -> _Run:
+    return _Run(table, *_directory(table[:, HASH]))
+
+
+def _sorted_table(tables: list[np.ndarray]) -> np.ndarray:
+    """`tables` (oldest first) as one table sorted by hash; stable: the older entry of a digest
+    stays first."""
+    table = np.concatenate(tables) if len(tables) > 1 else tables[0]
+    return table[np.argsort(table[:, HASH], kind="stable")]
+
+
 class _SortedRuns:
     """digest → (segment, row) as runs sorted by `key_hash`, each at least twice the size of
-    the next.
+    the next, each with a directory on the top bits of the hash.
 
-    Adding m digests costs O(m log n) amortised (runs merge geometrically), a lookup
-    O(log² n) integer comparisons: nothing is re-sorted in proportion to what is already
-    cached. Where a digest is in several segments, the one added first is found. 48 bytes per
-    digest.
+    Adding m digests costs O(m log n) amortised (runs merge geometrically); a lookup reads
+    one directory slot and then the (on average fewer than one) entries of its bucket,
+    whatever n: nothing is re-sorted in proportion to what is already cached, and an absent
+    digest costs at most a hash comparison or two. Where a digest is in several segments, the
+    one added first is found. About 56 bytes per digest.
     """
 
     def __init__(self) -> None:
-        # (hashes sorted, digests, segments, rows), aligned
-        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.runs: list[_Run] = []  # oldest first
 
     def add(self, keys: np.ndarray, segment: int) -> None:
-        hashes = key_hash(keys)
-        order = np.argsort(hashes, kind="stable")
-        run = (hashes[order], keys[order], np.full(len(keys), segment, np.int32),
-               order.astype(np.int32))
-        while self.runs and len(self.runs[-1][0]) < 2 * len(run[0]):
-            older = self.runs.pop()
-            merged = [np.concatenate([a, b]) for a, b in zip(older, run, strict=True)]
-            order = np.argsort(merged[0], kind="stable")  # stable: the older entry stays first
-            run = tuple(column[order] for column in merged)
-        self.runs.append(run)
+        table = np.empty((len(keys), 6), np.uint64)
+        table[:, HASH] = key_hash(keys)
+        table[:, WORDS] = _words(keys)
+        table[:, WHERE] = (np.uint64(segment) << np.uint64(32)) | np.arange(len(keys),
+                                                                          dtype=np.uint64)
+        tables = [table]
+        while self.runs and len(self.runs[-1].table) < 2 * sum(map(len, tables)):
+            tables.insert(0, self.runs.pop().table)
+        self.runs.append(_run(_sorted_table(tables)))
 
     def collapse(self) -> None:
         """Merge every run into one (oldest entries first): one search per lookup instead of one
         per run. For an index built in one go (a process opening a cache), where it costs one
         more sort of what was just read; incremental adds keep merging geometrically."""
         if len(self.runs) > 1:
-            merged = [np.concatenate(columns) for columns in zip(*self.runs, strict=True)]
-            order = np.argsort(merged[0], kind="stable")
-            self.runs = [tuple(column[order] for column in merged)]
+            self.runs = [_run(_sorted_table([run.table for run in self.runs]))]
 
     def locate(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(segment, row) of each digest; segment -1 where absent."""
-        hashes = key_hash(query)
-        order = np.argsort(hashes)  # sorted needles: each search starts near the last one's end
-        query, hashes = query[order], hashes[order]
+        query = np.asarray(query, DIGEST_DTYPE)
+        hashes, words = key_hash(query), _words(query)
         segment = np.full(len(query), -1, np.int64)
         row = np.zeros(len(query), np.int64)
-        for run_hashes, keys, segs, rows in self.runs:
-            todo = np.nonzero(segment < 0)[0]
+        todo = np.arange(len(query))
+        for run in self.runs:
             if not len(todo):
                 break
-            pos = np.minimum(np.searchsorted(run_hashes, hashes[todo]), len(keys) - 1)
-            same_hash = run_hashes[pos] == hashes[todo]
-            hit = same_hash.copy()  # digests compared only where the hashes agree
-            hit[same_hash] = keys[pos[same_hash]] == query[todo[same_hash]]
-            for i in np.flatnonzero(same_hash & ~hit):  # a hash collision: look past it
-                p = pos[i] + 1
-                while p < len(keys) and run_hashes[p] == hashes[todo[i]]:
-                    if keys[p] == query[todo[i]]:
-                        pos[i], hit[i] = p, True
-                        break
-                    p += 1
-            segment[todo[hit]], row[todo[hit]] = segs[pos[hit]], rows[pos[hit]]
-        out_segment, out_row = np.empty_like(segment), np.empty_like(row)
-        out_segment[order], out_row[order] = segment, row
-        return out_segment, out_row
+            at, where = _find(run, words[todo], hashes[todo])
+            segment[todo[at]] = (where >> np.uint64(32)).astype(np.int64)
+            row[todo[at]] = (where & LOW32).astype(np.int64)
+            todo = todo[segment[todo] < 0]
+        return segment, row
 
     def unique_count(self) -> int:
         if not self.runs:
             return 0
-        return len(np.unique(np.concatenate([run[1] for run in self.runs])))
+        return len(np.unique(np.concatenate([run.keys for run in self.runs])))
+
+
+def _find(run: _Run, words: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which queries are in the run, their entries' WHERE): each query walks its bucket to
+    the first entry whose hash is not below its own (vectorised over the queries still
+    walking); equal hashes are then settled by the digests."""
+    bucket = (hashes >> run.shift).astype(np.intp)
+    start, end = run.directory[bucket], run.directory[bucket + 1]
+    walking = np.flatnonzero(start < end)  # an empty bucket: absent, nothing more to read
+    pos, end, wanted = start[walking].astype(np.intp), end[walking], hashes[walking]
+    run_hashes = run.hashes
+    candidates, positions = [], []
+    while len(walking):
+        found = run_hashes[pos]
+        same = found == wanted  # sorted: the first entry of this hash
+        candidates.append(walking[same])
+        positions.append(pos[same])
+        pos += 1
+        go_on = (found < wanted) & (pos < end)
+        walking, pos, end, wanted = walking[go_on], pos[go_on], end[go_on], wanted[go_on]
+    candidates = np.concatenate(candidates) if candidates else np.zeros(0, np.intp)
+    pos = np.concatenate(positions) if positions else np.zeros(0, np.intp)
+    hit = _same_digest(run.table, pos, words[candidates])
+    for i in np.flatnonzero(~hit):  # a hash collision: look past it
+        q, p = candidates[i], pos[i] + 1
+        while p < len(run.table) and run_hashes[p] == hashes[q]:
+            if (run.table[p, WORDS] == words[q]).all():
+                pos[i], hit[i] = p, True
+                break
+            p += 1
+    return candidates[hit], run.table[pos[hit], WHERE]
+
+
+def _same_digest(table: np.ndarray, pos: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Whether the entries at `pos` hold these digests (word by word: a gather per column is
+    faster than one of whole rows)."""
+    same = table[:, WORDS.start][pos] == words[:, 0]
+    for column in range(1, 4):
+        same &= table[:, WORDS.start + column][pos] == words[:, column]
+    return same
 
 
 @dataclass
@@ -287,6 +369,7 @@ class _Segment:
     name: str
     manifest: dict
     verified_as: tuple | None = None  # (path, inode, size, mtime) of the checked feature file
+    seen_unchanged: float = -np.inf  # when a stat last found the checked file in place
 
 
 @dataclass
@@ -343,6 +426,8 @@ class FeatureStore:
             return self
         listed = [n for n in self._listed() if n not in self._bad]
         checked = {s.name: s.verified_as for s in self._segments}
+        for segment in self._segments:  # a new look (a new run, a write): stat them again
+            segment.seen_unchanged = -np.inf
         if not checked.keys() <= set(listed):  # a segment was quarantined: index anew
             self._segments, self._seen, self._index = [], set(), _SortedRuns()
         from_scratch = not self._segments
@@ -426,26 +511,35 @@ class FeatureStore:
                     raise SegmentGone(segment.name) from None
                 raise BadSegment("feature file missing") from None
             _VERIFIED.add(identity)
-        segment.verified_as = identity
+        segment.verified_as, segment.seen_unchanged = identity, time.monotonic()
         return feat
 
-    def _unchanged(self, seg: int) -> bool:
-        """Whether the segment's feature file is the one checked before (one stat)."""
+    def _unchanged(self, seg: int, now: float) -> bool:
+        """Whether the segment's feature file is the one checked before: one stat, at most
+        once per `RESTAT_SECONDS` between full refreshes (so repeated lookups cost no stat per
+        segment; what `read` serves is stat-checked on every read anyway)."""
         segment = self._segments[seg]
         if segment.verified_as is None:
             return False
+        if now - segment.seen_unchanged < RESTAT_SECONDS:
+            return True
         try:
             st = os.stat(segment.verified_as[0])
         except OSError:
             return False
-        return segment.verified_as == (segment.verified_as[0], st.st_ino, st.st_size,
-                                       st.st_mtime_ns)
+        if segment.verified_as != (segment.verified_as[0], st.st_ino, st.st_size,
+                                   st.st_mtime_ns):
+            return False
+        segment.seen_unchanged = now
+        return True
 
     def _usable(self, segments: np.ndarray) -> bool:
         """Verify these segments; quarantine failures. False if any failed (index rebuilt)."""
-        ok = True
-        for seg in np.unique(segments[segments >= 0]):
-            if self._unchanged(int(seg)):
+        ok, now = True, time.monotonic()
+        touched = np.zeros(len(self._segments), bool)  # O(lookups + segments), no sort
+        touched[segments[segments >= 0]] = True
+        for seg in np.flatnonzero(touched):
+            if self._unchanged(int(seg), now):
                 continue
             try:
                 self._features(int(seg))
@@ -499,7 +593,7 @@ class FeatureStore:
         return self._index.unique_count()
 
     def digests(self) -> set[str]:
-        return {k.decode() for run in self._index.runs for k in np.unique(run[1])}
+        return {k.decode() for run in self._index.runs for k in np.unique(run.keys)}
 
     def contains(self, digests: Sequence[str]) -> np.ndarray:
         """Whether each digest is cached in a segment that passes its checks."""

@@ -97,20 +97,79 @@ def add_audit_parser(sub) -> None:
                    help="share of the known non-members held out of WSA's training to set "
                         "its threshold (default 0.5)")
     p.add_argument("--bootstrap", type=integer, default=1000)
+    add_reference_args(p)
     p.set_defaults(func=cli_audit)
 
 
+def add_reference_args(p: argparse.ArgumentParser) -> None:
+    """rcsa's reference models: --reference (repeatable), their architecture, calibration."""
+    from mmia.attacks.rcsa import CALIBRATIONS, DEFAULT_CALIBRATION
+
+    g = p.add_argument_group("reference models (attack rcsa)")
+    g.add_argument("--reference", dest="references", action="append", default=[],
+                   metavar="CKPT", help="a reference model's weights (checkpoint file or "
+                   "pretrained tag): a model that did not train on the evaluation samples; "
+                   "repeat for several. Same architecture and config as the target unless "
+                   "--reference-model says otherwise")
+    g.add_argument("--reference-model", help="the references' open_clip model name "
+                   "(default: the target's --model and --model-config)")
+    g.add_argument("--reference-config", help="the references' model-config JSON file")
+    g.add_argument("--rcsa-calibration", default=DEFAULT_CALIBRATION, choices=CALIBRATIONS,
+                   help="offset (default): the target's Fisher-z cosine minus the "
+                   "references' mean; regress: its residual on theirs over known non-members "
+                   "(calibrated on the others); z: LiRA-offline z-score (≥ 2 references)")
+    add_mcd_args(p)
+
+
+def add_mcd_args(p: argparse.ArgumentParser) -> None:
+    """The MC-dropout attack's passes, dropout and statistic (audit and pilot)."""
+    from mmia.attacks.mcd import DEFAULT_STATISTIC, STATISTICS
+    from mmia.variants import MCD_DROPOUT, MCD_PASSES
+
+    g = p.add_argument_group("MC dropout (attack mcd)")
+    g.add_argument("--mcd-passes", type=integer, default=MCD_PASSES,
+                   help=f"stochastic forward passes (default {MCD_PASSES})")
+    g.add_argument("--mcd-dropout", type=float, default=MCD_DROPOUT,
+                   help=f"dropout on the attention weights (default {MCD_DROPOUT})")
+    g.add_argument("--mcd-statistic", default=DEFAULT_STATISTIC, choices=STATISTICS,
+                   help="what of the passes' cosines is the score (default "
+                   f"{DEFAULT_STATISTIC})")
+
+
+def reference_requests(args: argparse.Namespace) -> tuple:
+    """The --reference models as load requests, on the target's device and precision."""
+    from mmia.modelref import CHECKPOINT_SUFFIXES, ModelRequest
+
+    own = args.reference_model is None  # the target's architecture and config
+    config = args.reference_config or (args.model_config if own else None)
+    if config and not os.path.isfile(config):
+        raise MmiaError(f"reference model config {config!r} does not exist: pass a JSON file")
+    for weights in args.references:
+        if (os.sep in weights or weights.endswith(CHECKPOINT_SUFFIXES)) \
+                and not os.path.isfile(weights):
+            raise MmiaError(f"reference checkpoint {weights!r} does not exist")
+    return tuple(ModelRequest(args.model if own else args.reference_model, weights, config,
+                              args.device, args.precision, args.quick_gelu if own else None)
+                 for weights in args.references)
+
+
 def add_pilot_parser(sub) -> None:
-    from mmia.pilot import PILOT_WSA_LAMBDA
+    from mmia.attacks.rcsa import CALIBRATIONS, DEFAULT_CALIBRATION
+    from mmia.pilot import PILOT_ATTACKS, PILOT_REFERENCES, PILOT_WSA_LAMBDA
     from mmia.world.synthetic import WorldConfig
 
     world = WorldConfig()
     p = sub.add_parser("pilot", help="run the default study on the synthetic pilot world")
     p.add_argument("--root", default=".mmia/pilot", help="where the world, models, cache live")
     p.add_argument("--out", default="mmia-out/pilot")
-    p.add_argument("--attacks", default=DEFAULT_ATTACKS)
+    p.add_argument("--attacks", default=",".join(PILOT_ATTACKS))
     p.add_argument("--views", type=integer, default=10)
     p.add_argument("--seed", type=integer, default=0, help="attack and bootstrap seed")
+    p.add_argument("--references", type=integer, default=PILOT_REFERENCES,
+                   help="reference models for rcsa, each trained on its own random half of "
+                   f"the world's reference split (default {PILOT_REFERENCES})")
+    p.add_argument("--rcsa-calibration", default=DEFAULT_CALIBRATION, choices=CALIBRATIONS)
+    add_mcd_args(p)
     p.add_argument("--bootstrap", type=integer, default=1000)
     add_wsa_args(p, PILOT_WSA_LAMBDA)
     g = p.add_argument_group("world and target (a new combination builds a new world)")
@@ -296,7 +355,10 @@ def cli_audit(args: argparse.Namespace) -> int:
         wsa_classifier=args.wsa_classifier, wsa_lambda=args.wsa_lambda,
         wsa_features=args.wsa_features,
         calibration_fraction=args.calibration_fraction, progress=not args.no_progress,
-        keep_view_features=args.keep_view_features, threads=args.threads)
+        keep_view_features=args.keep_view_features, threads=args.threads,
+        references=reference_requests(args), rcsa_calibration=args.rcsa_calibration,
+        mcd_passes=args.mcd_passes, mcd_dropout=args.mcd_dropout,
+        mcd_statistic=args.mcd_statistic)
     result = run_config(args, cfg, ROLES, run_audit)
     if result is None:
         return 0
@@ -314,7 +376,10 @@ def cli_pilot(args: argparse.Namespace) -> int:
     settings = PilotSettings(attacks=parse_attacks(args.attacks), views=args.views,
                              seed=args.seed, n_bootstrap=args.bootstrap,
                              wsa_lambda=args.wsa_lambda, wsa_features=args.wsa_features,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, references=args.references,
+                             rcsa_calibration=args.rcsa_calibration,
+                             mcd_passes=args.mcd_passes, mcd_dropout=args.mcd_dropout,
+                             mcd_statistic=args.mcd_statistic)
     world_cfg, train_cfg = pilot_configs(args.members, args.epochs, args.world_seed,
                                          args.idio_strength, args.shift_strength)
     if args.model_config and not os.path.isfile(args.model_config):

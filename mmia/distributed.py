@@ -259,21 +259,24 @@ def _merged_examples(per_rank: list[dict[str, list[str]]]) -> dict[str, list[str
 # ------------------------------------------------------------------------------ audit, infer
 
 
-def embedding_plan(cfg) -> list[tuple[str, list[str], int]]:
-    """(role, shard patterns, views) of every role `run_audit` / `run_inference` embeds for
-    this config, with the views they ask for: K views only when AEA runs, none for the pool
-    (which `mmia infer` embeds only for WSA)."""
-    from mmia.audit import ROLES, role_views
+def embedding_plan(cfg, loaded) -> list[tuple[object, str, list[str], int]]:
+    """(model, role, shard patterns, views) of everything `run_audit` / `run_inference` embeds
+    for this config: every role under the target `loaded`, with the views they ask for (K views
+    only when AEA runs, none for the pool, which `mmia infer` embeds only for WSA), then what
+    the companion models (rcsa's references, mcd's dropout passes, loss/grad's norms) give."""
+    from mmia.audit import ROLES, companion_jobs, companion_models, role_views
     from mmia.infer import ROLES as INFER_ROLES
     from mmia.infer import InferConfig
 
     views = cfg.views if "aea" in cfg.attacks else 0
     if isinstance(cfg, InferConfig):
-        roles = [r for r in INFER_ROLES if r != "pool" or "wsa" in cfg.attacks]
+        roles, companions = [r for r in INFER_ROLES if r != "pool" or "wsa" in cfg.attacks], []
     else:
-        roles = list(ROLES)
-    return [(role, list(getattr(cfg, role)), role_views(role, views))
+        # a companion that cannot be made is left out here; rank 0 notes it in the audit
+        roles, companions = list(ROLES), companion_jobs(cfg, companion_models(cfg, loaded)[0])
+    plan = [(loaded, role, list(getattr(cfg, role)), role_views(role, views))
             for role in roles if getattr(cfg, role)]
+    return plan + [(model, role, patterns, 0) for model, role, patterns in companions]
 
 
 def embed_config_in_shares(loaded, cfg) -> bool:
@@ -287,13 +290,20 @@ def embed_config_in_shares(loaded, cfg) -> bool:
         return True
 
     def embed_every_role() -> None:
-        for role, patterns, views in embedding_plan(cfg):
+        for model, role, patterns, views in embedding_plan(cfg, loaded):
             log.info("embedding %s (rank %d's share of %d) …", role, ranks.rank,
                      ranks.world_size)
-            embed_shards(loaded, patterns, cfg.cache, views=views, batch_size=cfg.batch_size,
-                         workers=cfg.workers, progress=cfg.progress if ranks.is_main else False,
-                         keep_view_features=cfg.keep_view_features, threads=cfg.threads,
-                         shard_share=ranks.share)
+            try:
+                embed_shards(model, patterns, cfg.cache, views=views,
+                             batch_size=cfg.batch_size, workers=cfg.workers,
+                             progress=cfg.progress if ranks.is_main else False,
+                             keep_view_features=cfg.keep_view_features, threads=cfg.threads,
+                             shard_share=ranks.share)
+            except MmiaError:
+                if model is loaded:
+                    raise
+                # a companion model that cannot embed: rank 0's audit skips its attack
+                log.warning("embedding %s failed: its attack will be skipped", role)
 
     run_share(ranks, embed_every_role)
     return ranks.is_main

@@ -66,6 +66,7 @@ from mmia.decode import ExtremeAspectRatioError, decode_image
 from mmia.errors import MmiaError
 from mmia.sample_index import SKIP, SampleIndex, SampleRecord, ShardRows, shard_identity
 from mmia.shards import Sample, Skip, read_shard
+from mmia.variants import seeded
 from mmia.views import AugmentConfig, make_views
 
 MAX_FORWARD_ROWS = 1024  # the most rows one forward pass is padded to
@@ -274,7 +275,8 @@ class PreparedStream(IterableDataset):
 
 
 class Encoder:
-    """Runs fixed-size padded batches through the model (batch-composition invariant).
+    """Runs fixed-size padded batches through the model (batch-composition invariant, but for
+    a stochastic MC-dropout pass, which is seeded by its batch: see mmia.variants).
 
     Every forward pass has exactly `batch_size` = min(asked, MAX_FORWARD_ROWS) rows.
     """
@@ -301,12 +303,13 @@ class Encoder:
         if n < self.batch_size:
             pad = torch.zeros((self.batch_size - n, *batch.shape[1:]), dtype=batch.dtype)
             batch = torch.cat([batch, pad])
+        seed = self.loaded.forward_seed  # a stochastic (MC-dropout) pass: seeded by its batch
         batch = batch.to(self.loaded.device)
         if batch.is_floating_point():  # images; token ids stay integer
             batch = batch.to(self.loaded.input_dtype)
         self.forward_passes += 1
-        with self.loaded.autocast():  # `amp`: fp32 weights, mixed-precision compute
-            out = encode(batch, normalize=True)
+        with seeded(batch, seed, self.loaded.device), self.loaded.autocast():
+            out = encode(batch, normalize=True)  # `amp`: fp32 weights, mixed-precision compute
         return out[:n].float().cpu().numpy()
 
 

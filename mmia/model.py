@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from mmia.errors import MmiaError
+from mmia.modelref import CHECKPOINT_SUFFIXES, make_fingerprint
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 SCHEMAS = ("hf-hub:", "local-dir:")  # models whose config comes with their weights
 PREPROCESS_KEYS = {"mean": "image_mean", "std": "image_std",
@@ -47,6 +47,7 @@ class LoadedModel:
     precision: str
     device: torch.device
     description: dict
+    forward_seed: int | None = None  # stochastic forward passes (MC dropout): seeded per batch
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -331,10 +332,6 @@ def resolved_config(build_name: str, choice: bool | None, preprocess_cfg: dict) 
     if preprocess_cfg:
         config["preprocess_cfg"] = preprocess_cfg
     return plain(config)
-
-
-def make_fingerprint(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_model(

@@ -24,6 +24,7 @@ from importlib import metadata
 
 log = logging.getLogger("mmia")
 MEMO_FOLDER = "models"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")  # weights files
 MEMO_FORMAT = 2  # bump when mmia.model changes what the fingerprint is made of
 LIBRARIES = ("open_clip_torch", "torch", "torchvision", "pillow")
 
@@ -58,6 +59,11 @@ class ModelRequest:
             except OSError:
                 return None
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def make_fingerprint(parts: dict) -> str:
+    """A model fingerprint: what computes the features, hashed (16 hex digits)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _mmia_version() -> str | None:

@@ -16,15 +16,21 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from mmia.audit import AuditConfig, AuditResult, format_table, run_audit
+from mmia.attacks.mcd import DEFAULT_STATISTIC
+from mmia.attacks.rcsa import DEFAULT_CALIBRATION
+from mmia.audit import AuditConfig, AuditResult, check_companion_settings, format_table, run_audit
 from mmia.checks import check_attack_settings, check_int, check_seed
+from mmia.modelref import ModelRequest
 from mmia.report import console_notes
+from mmia.variants import MCD_DROPOUT, MCD_PASSES
 
 PROTOCOLS = {
     # protocol: (evaluation non-members, attacker's known non-members)
     "iid": ("eval_nonmembers", "known_nonmembers"),
     "post-release": ("post_release", "post_release_known"),
 }
+PILOT_ATTACKS = ("csa", "aea", "wsa", "blind", "rcsa", "mcd", "loss", "grad")
+PILOT_REFERENCES = 4
 PILOT_WSA_LAMBDA = "auto"  # the pilot's skewed cosines put the paper's μ + 1.5σ near or above 1
 log = logging.getLogger(__name__)
 REPRODUCIBILITY = (
@@ -39,16 +45,24 @@ REPRODUCIBILITY = (
 class PilotSettings:
     """What `mmia pilot` runs besides the world: attacks and their parameters."""
 
-    attacks: tuple[str, ...] = ("csa", "aea", "wsa", "blind")
+    attacks: tuple[str, ...] = PILOT_ATTACKS
     views: int = 10
     seed: int = 0
     n_bootstrap: int = 1000
     wsa_lambda: float | str = PILOT_WSA_LAMBDA
     wsa_features: str = "concat"
     progress: bool = False
+    references: int = PILOT_REFERENCES  # rcsa's reference models, each on half the reference split
+    rcsa_calibration: str = DEFAULT_CALIBRATION
+    mcd_passes: int = MCD_PASSES
+    mcd_dropout: float = MCD_DROPOUT
+    mcd_statistic: str = DEFAULT_STATISTIC
 
     def __post_init__(self) -> None:
         check_attack_settings(self.views, self.seed, self.n_bootstrap, self.wsa_lambda)
+        check_int("--references", self.references, 0)
+        check_companion_settings(self.rcsa_calibration, self.mcd_passes, self.mcd_dropout,
+                                 self.mcd_statistic)
 
 
 def wsa_lambda_text(wsa: dict) -> str:
@@ -96,11 +110,15 @@ def run_pilot(root: str, out: str, settings: PilotSettings | None = None,
     settings = settings or PilotSettings()
     start = time.perf_counter()
     log.info("building or reusing the pilot world and target model …")
+    references = settings.references if "rcsa" in settings.attacks else 0
     pilot = build_pilot(root, world_cfg, train_cfg, model_config or DEFAULT_MODEL_CONFIG,
-                        reference=False)  # no attack uses the reference model yet
+                        reference=False, half_references=references)
     built = time.perf_counter() - start
     loaded = load_model(pilot.model_name, str(pilot.target_ckpt), str(pilot.model_config),
                         device="cpu")
+    reference_requests = tuple(
+        ModelRequest(pilot.model_name, str(ckpt), str(pilot.model_config), "cpu")
+        for ckpt in pilot.half_reference_ckpts)
     truth = {k: bool(v["member"]) for k, v in read_ground_truth(pilot.world.root).items()}
     rows, extra, audits = [], [], {}
     for protocol, (nonmembers, known) in PROTOCOLS.items():
@@ -110,7 +128,10 @@ def run_pilot(root: str, out: str, settings: PilotSettings | None = None,
             attacks=settings.attacks, cache=os.path.join(root, "cache"),
             out=os.path.join(out, protocol), views=settings.views, seed=settings.seed,
             n_bootstrap=settings.n_bootstrap, wsa_lambda=settings.wsa_lambda,
-            wsa_features=settings.wsa_features, progress=settings.progress)
+            wsa_features=settings.wsa_features, progress=settings.progress,
+            references=reference_requests, rcsa_calibration=settings.rcsa_calibration,
+            mcd_passes=settings.mcd_passes, mcd_dropout=settings.mcd_dropout,
+            mcd_statistic=settings.mcd_statistic)
         result = audits[protocol] = run_audit(loaded, cfg,
                                               command=f"mmia pilot (protocol {protocol})")
         rows += [(protocol, name, m) for name, m in result.metrics.items()]

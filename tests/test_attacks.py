@@ -43,7 +43,7 @@ def _members_vs_random(n, rng, offset=0.0):
 
 
 def test_registry_and_missing_inputs():
-    assert set(ATTACKS) == {"csa", "aea", "wsa", "blind"}
+    assert set(ATTACKS) == {"csa", "aea", "wsa", "blind", "rcsa", "mcd", "loss", "grad"}
     assert isinstance(make_attack("aea", aggregation="drop"), AEA)
     with pytest.raises(ValueError):
         make_attack("nope")

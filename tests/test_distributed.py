@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -225,18 +226,43 @@ def test_a_rank_gets_every_nth_shard_and_its_device(monkeypatch):
         distributed.current_ranks()
 
 
-def test_embedding_plan_follows_the_commands(tiny_config):
-    """The roles and views each rank embeds are those `run_audit` / `run_inference` read."""
+def test_embedding_plan_follows_the_commands(tiny_config, tmp_path):
+    """The models, roles and views each rank embeds are those `run_audit` / `run_inference`
+    read: rcsa's reference models embed the evaluation roles and the known non-members."""
     from mmia.audit import AuditConfig
     from mmia.distributed import embedding_plan
     from mmia.infer import InferConfig
+    from mmia.modelref import ModelRequest
+
+    target = types.SimpleNamespace(fingerprint="0" * 16, description={})
+
+    def plan(cfg):
+        return [("target" if model is target else model, role, patterns, views)
+                for model, role, patterns, views in embedding_plan(cfg, target)]
 
     audit = AuditConfig(members=["m"], nonmembers=["n"], known_nonmembers=["k"], pool=["p"],
                         attacks=("csa", "aea", "wsa"), views=3)
-    assert embedding_plan(audit) == [("members", ["m"], 3), ("nonmembers", ["n"], 3),
-                                     ("known_nonmembers", ["k"], 3), ("pool", ["p"], 0)]
+    assert plan(audit) == [("target", "members", ["m"], 3), ("target", "nonmembers", ["n"], 3),
+                           ("target", "known_nonmembers", ["k"], 3), ("target", "pool", ["p"], 0)]
     audit = AuditConfig(members=["m"], nonmembers=["n"], attacks=("csa",), views=3)
-    assert embedding_plan(audit) == [("members", ["m"], 0), ("nonmembers", ["n"], 0)]
+    assert plan(audit) == [("target", "members", ["m"], 0), ("target", "nonmembers", ["n"], 0)]
     infer = InferConfig(candidates=["c"], known_nonmembers=["k"], pool=["p"],
                         attacks=("csa", "aea"), views=2)
-    assert embedding_plan(infer) == [("candidates", ["c"], 2), ("known_nonmembers", ["k"], 2)]
+    assert plan(infer) == [("target", "candidates", ["c"], 2),
+                           ("target", "known_nonmembers", ["k"], 2)]
+    ref = ModelRequest("mmia-test-tiny", model_config=tiny_config)
+    audit = AuditConfig(members=["m"], nonmembers=["n"], known_nonmembers=["k"], pool=["p"],
+                        attacks=("csa", "rcsa"), references=(ref,), cache=str(tmp_path))
+    steps = embedding_plan(audit, target)
+    assert [(r, p, v) for _, r, p, v in steps[4:]] == [
+        ("members (reference 1)", ["m"], 0), ("nonmembers (reference 1)", ["n"], 0),
+        ("known_nonmembers (reference 1)", ["k"], 0)]
+    assert all(model.request == ref for model, *_ in steps[4:])
+    audit = AuditConfig(members=["m"], nonmembers=["n"], known_nonmembers=["k"],
+                        attacks=("mcd", "loss", "grad"), mcd_passes=2)
+    steps = [(type(model).__name__, model.base is target, r)
+             for model, r, _, _ in embedding_plan(audit, target)[3:]]
+    assert steps == [("DropoutPass", True, f"{role} (dropout pass {i})")
+                     for i in (1, 2) for role in ("members", "nonmembers", "known_nonmembers")] \
+        + [("WhiteboxNorms", True, f"{role} (white-box 1)")
+           for role in ("members", "nonmembers", "known_nonmembers")]

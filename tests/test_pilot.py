@@ -10,10 +10,16 @@ from test_world import TINY
 from mmia.attacks.wsa import AUTO_LAMBDAS
 from mmia.cli import build_parser
 from mmia.errors import MmiaError
-from mmia.pilot import PilotSettings, pilot_configs, pool_precision, run_pilot
+from mmia.pilot import (
+    PILOT_ATTACKS,
+    PilotSettings,
+    pilot_configs,
+    pool_precision,
+    run_pilot,
+)
 from mmia.world import TrainConfig, WorldConfig
 
-SETTINGS = PilotSettings(views=2, n_bootstrap=20, progress=False)
+SETTINGS = PilotSettings(views=2, n_bootstrap=20, progress=False, references=2, mcd_passes=2)
 TRAIN = TrainConfig(epochs=2, batch_size=30, lr=2e-3, warmup_steps=1)
 
 
@@ -30,7 +36,7 @@ def test_pilot_prints_both_protocols_and_writes_reports(pilot_run):
     root, text = pilot_run
     rows = [line.split("|")[1:3] for line in text.splitlines() if line.startswith("| ")][1:]
     got = {(p.strip(), a.strip()) for p, a in rows}
-    assert got == {(p, a) for p in ("iid", "post-release") for a in ("csa", "aea", "wsa", "blind")}
+    assert got == {(p, a) for p in ("iid", "post-release") for a in PILOT_ATTACKS}
     assert text.count("pseudo-members, precision") == 2
     assert "tpr@0.1%fpr: with 20 evaluation non-members" in text  # TINY has 20 of each
     for protocol in ("iid", "post-release"):
@@ -38,6 +44,10 @@ def test_pilot_prints_both_protocols_and_writes_reports(pilot_run):
         assert metrics["attacks"]["csa"]["n_members"] == TINY.n_eval
         assert metrics["settings"]["wsa_lambda"] == "auto"
         assert metrics["attacks"]["wsa"]["wsa_lambda"] in AUTO_LAMBDAS
+        refs = metrics["settings"]["references"]  # rcsa: two references on reference halves
+        assert [r["pretrained"].rsplit("/", 1)[-1] for r in refs] == \
+            ["reference-half-0.pt", "reference-half-1.pt"]
+        assert len({r["fingerprint"] for r in refs} | {metrics["model"]["fingerprint"]}) == 3
 
 
 def test_pilot_reuses_its_world_and_cache(pilot_run, tiny_config, capsys):

@@ -160,3 +160,23 @@ def test_build_pilot_reuses(tmp_path, tiny_config):
     p3 = build_pilot(tmp_path, w, cfg, tiny_config)
     assert (p3.root / "done").exists() and p3.target_ckpt.stat().st_mtime_ns != mtime
     assert p3.world.keys == p1.world.keys  # the rebuilt world is the same world
+
+
+def test_half_references_train_on_half_the_reference_split(tmp_path, tiny_config):
+    cfg = TrainConfig(epochs=1, batch_size=5, warmup_steps=1)
+    world = make_world(tmp_path / "w", WorldConfig(**{**TINY.to_dict(), "n_reference": 30}))
+    full = train_clip(world.split_dir("reference"), tiny_config, tmp_path / "full.pt", cfg)
+    half = train_clip(world.split_dir("reference"), tiny_config, tmp_path / "h.pt", cfg, half=0)
+    assert (len(full.losses), len(half.losses)) == (6, 3)  # 30 and 15 samples, batches of 5
+    w = WorldConfig(**{**TINY.to_dict(), "n_reference": 30})
+    tiny = TrainConfig(epochs=1, batch_size=30, warmup_steps=1, max_steps=1)
+    pilot = build_pilot(tmp_path / "p", w, tiny, tiny_config, reference=False, half_references=2)
+    names = [p.name for p in pilot.half_reference_ckpts]
+    assert names == ["reference-half-0.pt", "reference-half-1.pt"]
+    assert all(p.exists() for p in pilot.half_reference_ckpts)
+    assert not pilot.reference_ckpt.exists()
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in pilot.half_reference_ckpts)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # other halves, other seeds
+    mtimes = [p.stat().st_mtime_ns for p in pilot.half_reference_ckpts]
+    again = build_pilot(tmp_path / "p", w, tiny, tiny_config, reference=False, half_references=2)
+    assert [p.stat().st_mtime_ns for p in again.half_reference_ckpts] == mtimes  # reused

@@ -36,6 +36,9 @@ class Features:
     groups: list[str] | None = None  # content digests: cross-validation keeps a group together
     image_stats: np.ndarray | None = None
     view_cosines: np.ndarray | None = None  # (n, K) cos(view k, caption): what AEA reads
+    ref_cosines: np.ndarray | None = None  # (n, R) the pair's cosine under R reference models
+    mcd_cosines: np.ndarray | None = None  # (n, P) its cosine over P MC-dropout passes
+    whitebox: np.ndarray | None = None  # (n, 3) projection norm ratios (image, text), scale
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -55,6 +58,10 @@ class Features:
         if self.view_cosines is not None and (self.view_cosines.ndim != 2
                                               or self.view_cosines.shape[0] != n):
             raise ValueError("Features: view_cosines must have shape (n, K)")
+        for name in ("ref_cosines", "mcd_cosines", "whitebox"):
+            value = getattr(self, name)
+            if value is not None and (value.ndim != 2 or value.shape[0] != n):
+                raise ValueError(f"Features: {name} must have shape (n, columns)")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -75,6 +82,9 @@ class Features:
             groups=None if self.groups is None else [self.groups[i] for i in pick],
             image_stats=None if self.image_stats is None else self.image_stats[idx],
             view_cosines=None if self.view_cosines is None else self.view_cosines[idx],
+            ref_cosines=None if self.ref_cosines is None else self.ref_cosines[idx],
+            mcd_cosines=None if self.mcd_cosines is None else self.mcd_cosines[idx],
+            whitebox=None if self.whitebox is None else self.whitebox[idx],
         )
 
 
@@ -118,7 +128,7 @@ class Attack(BaseEstimator):
     and sets trailing-underscore state, `score` ranks (higher = more likely member).
 
     `requires` names the inputs the attack needs: "known_nonmembers", "pool" (fit arguments)
-    and "views", "image_bytes" (fields of the Features passed to `score`).
+    and "views", "image_bytes", "references" (fields of the Features passed to `score`).
     `learns_from_known_nonmembers`: the audit must then calibrate its threshold on known
     non-members held out of `fit` (scores of its own training negatives are biased low).
     """

@@ -90,9 +90,12 @@ def _decode(img: bytes) -> Image.Image:
 
 
 def train_clip(shard_dir_or_urls: str | Path | list, model_config_json: str | Path,
-               out_path: str | Path, cfg: TrainConfig = TrainConfig()) -> TrainResult:
+               out_path: str | Path, cfg: TrainConfig = TrainConfig(),
+               half: int | None = None) -> TrainResult:
     """Train a small CLIP from scratch on the shards; save a weights_only-loadable checkpoint.
 
+    half: train on a random half of the samples only, drawn with this seed (the pilot's
+    reference models: each its own half of the reference split).
     The checkpoint is ``{"state_dict", "model_name", "epoch"}``; the model config JSON is copied
     beside it as ``<model_name>.json``.
     """
@@ -105,6 +108,9 @@ def train_clip(shard_dir_or_urls: str | Path | list, model_config_json: str | Pa
     tokenizer = open_clip.get_tokenizer(name)
     model.train()
     pairs = read_pairs(shard_dir_or_urls)
+    if half is not None:
+        keep = np.random.default_rng([half, 1729]).permutation(len(pairs))[: len(pairs) // 2]
+        pairs = [pairs[i] for i in np.sort(keep)]
     pils = [_decode(b) for _, b, _ in pairs]
     tokens = tokenizer([c for _, _, c in pairs])
     images = None if cfg.augment else torch.stack([preprocess_val(im) for im in pils])
@@ -210,6 +216,7 @@ class PilotWorld:
     reference_ckpt: Path
     model_config: Path
     model_name: str
+    half_reference_ckpts: list[Path] = field(default_factory=list)
 
 
 def pilot_hash(world_cfg: WorldConfig, train_cfg: TrainConfig, model_config_json: Path) -> str:
@@ -222,12 +229,14 @@ def pilot_hash(world_cfg: WorldConfig, train_cfg: TrainConfig, model_config_json
 def build_pilot(root: str | Path, world_cfg: WorldConfig | None = None,
                 train_cfg: TrainConfig | None = None,
                 model_config_json: str | Path = DEFAULT_MODEL_CONFIG,
-                reference: bool = True) -> PilotWorld:
-    """Build (or reuse) world + target (+ reference) under ``root/<hash>/``.
+                reference: bool = True, half_references: int = 0) -> PilotWorld:
+    """Build (or reuse) world + target (+ references) under ``root/<hash>/``.
 
     A ``done`` marker is written last; a folder without it is wiped and rebuilt. The reference
     model (trained on the ``reference`` split with seed ``train_cfg.seed + 1``) is added when
-    ``reference`` is true and it is missing; it is written under a temporary name first.
+    ``reference`` is true and it is missing; ``half_references`` more reference models
+    (``reference-half-<i>.pt``, each on its own random half of the ``reference`` split, seed
+    ``train_cfg.seed + 2 + i``) likewise. Each is written under a temporary name first.
     """
     world_cfg = world_cfg or WorldConfig()
     train_cfg = train_cfg or TrainConfig()
@@ -250,9 +259,14 @@ def build_pilot(root: str | Path, world_cfg: WorldConfig | None = None,
             {"world": world_cfg.to_dict(), "train": train_cfg.to_dict()}, indent=2,
             sort_keys=True))
         (d / "done").write_text("ok\n")
-    if reference and not pilot.reference_ckpt.exists():
-        ref_cfg = TrainConfig(**{**train_cfg.to_dict(), "seed": train_cfg.seed + 1})
-        partial = pilot.reference_ckpt.with_suffix(".partial.pt")
-        train_clip(d / "world" / "reference", model_config_json, partial, ref_cfg)
-        partial.replace(pilot.reference_ckpt)
+    wanted = [(pilot.reference_ckpt, 1, None)] if reference else []
+    pilot.half_reference_ckpts = [d / f"reference-half-{i}.pt" for i in range(half_references)]
+    wanted += [(ckpt, 2 + i, i) for i, ckpt in enumerate(pilot.half_reference_ckpts)]
+    for ckpt, seed_offset, half in wanted:
+        if ckpt.exists():
+            continue
+        ref_cfg = TrainConfig(**{**train_cfg.to_dict(), "seed": train_cfg.seed + seed_offset})
+        partial = ckpt.with_suffix(".partial.pt")
+        train_clip(d / "world" / "reference", model_config_json, partial, ref_cfg, half=half)
+        partial.replace(ckpt)
     return pilot
