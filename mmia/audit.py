@@ -478,18 +478,15 @@ def embed_role(loaded, cfg: AttackSettings, role: str, patterns: list[str],
 COMPANION_ROLES = ("members", "nonmembers", "known_nonmembers")  # what rcsa, mcd, loss read
 
 
-def reference_models(cfg: AuditConfig, target_fingerprint: str | None = None) -> list[LazyModel]:
-    """The reference models rcsa compares the target with (none unless it runs); a reference
-    with the target's own fingerprint is refused: it would calibrate the target by itself."""
-    if "rcsa" not in cfg.attacks:
-        return []
+def reference_models(cfg: AuditConfig, target_fingerprint: str) -> list[LazyModel]:
+    """The reference models rcsa compares the target with; a reference with the target's own
+    fingerprint is refused: it would calibrate the target by itself."""
     models = [LazyModel(request, cfg.cache) for request in cfg.references]
-    if target_fingerprint is not None:
-        for request, model in zip(cfg.references, models, strict=True):
-            if model.fingerprint == target_fingerprint:
-                raise MmiaError(f"reference {request.pretrained or request.name!r} is the target "
-                                "model itself: a reference must not have trained on the "
-                                "evaluation samples")
+    for request, model in zip(cfg.references, models, strict=True):
+        if model.fingerprint == target_fingerprint:
+            raise MmiaError(f"reference {request.pretrained or request.name!r} is the target "
+                            "model itself: a reference must not have trained on the "
+                            "evaluation samples")
     return models
 
 

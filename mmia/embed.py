@@ -27,6 +27,7 @@ import numpy as np
 from mmia.cache import EmbeddingCache
 from mmia.checks import check_embed_settings
 from mmia.errors import MmiaError
+from mmia.modelref import built_model
 from mmia.sample_index import SampleIndex, SampleRecord, SampleTable, shard_identities, skip_rows
 from mmia.shards import Skip, expand_patterns, shard_labels
 from mmia.views import AugmentConfig
@@ -189,7 +190,7 @@ def _encode_cold(loaded, cold: list[str], labels: dict, identities: dict, indexe
     """Run the embedding engine on the shards the index and cache could not answer."""
     from mmia.encode import MAX_FORWARD_ROWS, StreamPlan, check_batch_fits, encode_shards
 
-    model = loaded.get() if hasattr(loaded, "get") else loaded
+    model = built_model(loaded)
     if model.fingerprint != cache.fingerprint:  # a stale fingerprint memo: never mix features
         raise MmiaError(f"the model's fingerprint changed from {cache.fingerprint} (remembered) "
                         f"to {model.fingerprint} (built): run the command again")

@@ -84,6 +84,11 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def built_model(model):
+    """The `LoadedModel` behind a `LazyModel`, a model variant, or a `LoadedModel` itself."""
+    return model.get() if hasattr(model, "get") else model
+
+
 class LazyModel:
     """`fingerprint` and `description` of a request, from the memo in `cache_root` when there
     is one; `get()` builds the model (once) and records the memo."""

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from mmia.errors import MmiaError
-from mmia.modelref import make_fingerprint
+from mmia.modelref import built_model, make_fingerprint
 
 VARIANT_VERSION = 2  # bump when a variant computes something else (2: forked, strided seeding)
 MCD_DROPOUT = 0.05  # Gomez's recipe: p = 0.05 on attention dropout, 10 passes
@@ -53,7 +53,7 @@ class ModelVariant:
         return {**self.base.description, "variant": {"kind": self.kind, **self.params}}
 
     def base_model(self):
-        return self.base.get() if hasattr(self.base, "get") else self.base
+        return built_model(self.base)
 
     def get(self):
         raise NotImplementedError
