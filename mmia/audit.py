@@ -23,7 +23,7 @@ from mmia.attacks.base import cosine
 from mmia.attacks.mcd import DEFAULT_STATISTIC, STATISTICS
 from mmia.attacks.rcsa import CALIBRATIONS, DEFAULT_CALIBRATION
 from mmia.attacks.wsa import CLASSIFIERS, FEATURE_SETS
-from mmia.cache import EmbeddingCache, quarantined_since
+from mmia.cache import EmbeddingCache, key_hash, quarantined_since
 from mmia.checks import check_attack_settings, check_embed_settings, check_fraction, check_int
 from mmia.embed import EmbedResult, embed_shards
 from mmia.errors import MmiaError
@@ -198,22 +198,28 @@ class RoleSamples:
     def keys(self) -> list[str]:
         return self.table.key.tolist()
 
-    def features(self, rows: np.ndarray | None = None) -> Features:
-        """Features of the samples at `rows` (all when None)."""
+    def features(self, rows: np.ndarray | None = None, reuse: Features | None = None) -> Features:
+        """Features of the samples at `rows` (all when None); `reuse`: an earlier result whose
+        image and text arrays are overwritten with these (no new memory per block)."""
         t = self.table if rows is None else self.table.take(rows)
         views = None
         if self.views:
             views = self.cache.pairs(self.views).read(t.pair_digest)
         extra = {name: companion_features(name, caches, t)
                  for name, caches in self.companions.items()}
-        return Features(keys=t.key.tolist(), image=self.cache.image(0).read(t.image_digest),
-                        text=self.cache.text.read(t.caption_digest), view_cosines=views,
+        image = self.cache.image(0).read(t.image_digest, None if reuse is None else reuse.image)
+        text = self.cache.text.read(t.caption_digest, None if reuse is None else reuse.text)
+        return Features(keys=t.key.tolist(), image=image, text=text, view_cosines=views,
                         captions=t.caption.tolist(), groups=t.image_digest.tolist(),
                         image_stats=t.stats, **extra)
 
     def blocks(self, size: int = BLOCK_ROWS) -> Iterator[Features]:
+        """The features block by block: each block's image and text arrays are overwritten by
+        the next block's, so use a block before asking for the next."""
+        block = None
         for start in range(0, len(self), size):
-            yield self.features(np.arange(start, min(start + size, len(self))))
+            block = self.features(np.arange(start, min(start + size, len(self))), block)
+            yield block
 
     def design(self) -> Features:
         """What the blind baseline reads: captions, image statistics and content groups only."""
@@ -248,16 +254,60 @@ def score_all(attack: Attack, samples: RoleSamples | Features) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0)
 
 
+def content_hashes(table: SampleTable) -> np.ndarray:
+    """A 64-bit hash of each sample's image and caption digests (`key_hash` of each, mixed):
+    what content comparisons sort and search by; equal hashes are confirmed on the digests."""
+    with np.errstate(over="ignore"):
+        return key_hash(table.image_digest) * np.uint64(0x9E3779B97F4A7C15) \
+            + key_hash(table.caption_digest)
+
+
+def _content(table: SampleTable, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+    return np.char.add(table.image_digest[rows], table.caption_digest[rows])
+
+
+def first_of_each_content(table: SampleTable) -> np.ndarray:
+    """Sorted rows of the first sample of each distinct (image, caption) content."""
+    hashes = content_hashes(table)
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])  # order[i], order[i + 1]
+    if (_content(table, order[same]) != _content(table, order[same + 1])).any():
+        _, first = np.unique(_content(table), return_index=True)  # a hash collision: exact
+        return np.sort(first)
+    keep = np.ones(len(table), bool)
+    keep[order[same + 1]] = False  # stable: the first row of a content is kept
+    return np.flatnonzero(keep)
+
+
+def _in_sorted(values: np.ndarray, ascending: np.ndarray) -> np.ndarray:
+    """Whether each value is in the sorted array `ascending` (one binary search each)."""
+    if not len(ascending):
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(ascending, values), len(ascending) - 1)
+    return ascending[at] == values
+
+
+def content_in(a: SampleTable, b: SampleTable) -> np.ndarray:
+    """Whether each sample of `a` has the image and caption of some sample of `b` (by hash,
+    each candidate confirmed on its digests)."""
+    hashes_a, hashes_b = content_hashes(a), content_hashes(b)
+    found = np.zeros(len(a), bool)
+    candidates = np.flatnonzero(_in_sorted(hashes_a, np.sort(hashes_b)))
+    if len(candidates):
+        others = np.flatnonzero(_in_sorted(hashes_b, np.sort(hashes_a[candidates])))
+        found[candidates] = np.isin(_content(a, candidates), _content(b, others))
+    return found
+
+
 def drop_duplicate_content(result: EmbedResult) -> None:
     """Keep the first of samples with the same image and caption; count the rest as skips."""
     table = result.records
     if not len(table):
         return
-    content = np.char.add(table.image_digest, table.caption_digest)
-    _, first = np.unique(content, return_index=True)
+    first = first_of_each_content(table)
     if len(first) < len(table):
         result.skips["duplicate_content"] += len(table) - len(first)
-        result.records = table.take(np.sort(first))
+        result.records = table.take(first)
 
 
 def _shard_identities(urls: list[str]) -> np.ndarray:
@@ -279,10 +329,8 @@ def _same_shard_and_key(a: SampleTable, b: SampleTable) -> np.ndarray:
 def _overlap(a: SampleTable, b: SampleTable) -> tuple[int, int, int, str] | None:
     """(count, first row of a, its row in b, how they match) for samples of `a` also in `b`:
     by shard file and key, or by image and caption digest (vectorised)."""
-    content_a = np.char.add(a.image_digest, a.caption_digest)
-    content_b = np.char.add(b.image_digest, b.caption_digest)
     same_key = _same_shard_and_key(a, b)
-    found = same_key | np.isin(content_a, content_b)
+    found = same_key | content_in(a, b)
     if not found.any():
         return None
     row = int(np.flatnonzero(found)[0])
@@ -290,7 +338,7 @@ def _overlap(a: SampleTable, b: SampleTable) -> tuple[int, int, int, str] | None
         other = int(np.flatnonzero(b.key == a.key[row])[0])
         how = "the same shard and key"
     else:
-        other = int(np.flatnonzero(content_b == content_a[row])[0])
+        other = int(np.flatnonzero(_content(b) == _content(a, [row])[0])[0])
         how = "the same image and caption"
     return int(found.sum()), row, other, how
 

@@ -19,9 +19,13 @@ never be served for another.
 Every segment is checked before anything of it is served or counted as cached: when first seen
 (manifest ↔ digests checksum ↔ feature file size: cheap) and before its first row is used (the
 feature data's checksum, shape and finiteness: once per segment per process, so the cost follows
-the segments a run touches, not the cache's size). A segment that fails is moved to the store's
-`quarantine/` folder, reported in one line, and its samples count as not cached, so the next
-`embed` computes them again. `verify_cache` checks a whole cache (`mmia cache verify`).
+the segments a run touches, not the cache's size). A feature file that passed is marked in the
+store's `verified/` folder with its inode, size, mtime and ctime: a later process that finds the
+very same file (any write, rename or replacement changes its ctime) does not hash it again, so a
+warm re-audit of 10^6 samples does not re-read 4 GB to check it. A segment that fails is moved
+to the store's `quarantine/` folder, reported in one line, and its samples count as not cached,
+so the next `embed` computes them again. `verify_cache` checks a whole cache, marks or not
+(`mmia cache verify`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -132,8 +136,15 @@ class SegmentGone(Exception):
 
 
 CORRUPT = (ValueError, EOFError, KeyError, TypeError, OverflowError, RecursionError)
-# feature files whose data passed its checks in this process: (path, inode, size, mtime)
-_VERIFIED: set[tuple[str, int, int, int]] = set()
+# feature files that passed their checks in this process, by `_file_identity`: True where this
+# process hashed the data, False where it trusted an earlier process's mark
+_VERIFIED: dict[tuple[str, int, int, int, int], bool] = {}
+
+
+def _file_identity(path: str, st: os.stat_result) -> tuple[str, int, int, int, int]:
+    """(path, inode, size, mtime, ctime): any change made to the file through the file system
+    changes its ctime, which no program can set back."""
+    return path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _checked_manifest(manifest: object) -> dict:
@@ -159,16 +170,37 @@ def _sha256(array: np.ndarray) -> str:
 SEGMENT_BYTES = 256 << 20  # compaction merges small segments into ones of about this size
 COMPACT_AFTER = 64  # small segments a store may have before an embed run compacts it
 VERIFY_BLOCK_BYTES = 16 << 20  # feature data is checked in reads of this size (not mapped)
+SPAN_BYTES = 16 << 20  # rows gathered from a segment are read through a window of this size
 RESTAT_SECONDS = 1.0  # how long `contains` trusts a stat that found a checked file in place
+VERIFIED = "verified"  # a store's folder of verification marks (see `FeatureStore._marked`)
+MARK_AFTER_SECONDS = 2.0  # a file changed more recently than this is checked, not marked
+MARK_LIFETIME_SECONDS = 24 * 3600.0  # a mark older than this is ignored: the data is hashed again
 
 
-def _check_data(path: str, offset: int, shape: tuple[int, int], sha256: str) -> None:
-    """The data of a feature file hashes to `sha256` and holds only finite numbers; read in
-    blocks, so checking a segment of any size holds 16 MB, not the segment, in memory."""
+def _open_rows(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from the header of an open .npy feature file; ValueError
+    unless it is a C-ordered matrix."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"npy format version {version}")
+    if fortran or len(shape) != 2:
+        raise ValueError(f"not a C-ordered matrix: shape {shape}")
+    return shape, dtype, f.tell()
+
+
+def _check_data(path: str, offset: int, shape: tuple[int, int], sha256: str,
+                file: BinaryIO | None = None) -> None:
+    """The data of a feature file (`file`, open, else `path`) hashes to `sha256` and holds only
+    finite numbers; read in blocks, so checking a segment of any size holds 16 MB, not the
+    segment, in memory."""
     h = hashlib.sha256()
     rows_per_block = max(1, VERIFY_BLOCK_BYTES // (4 * shape[1]))
     bad_rows = 0
-    with open(path, "rb") as f:
+    with contextlib.nullcontext(file) if file is not None else open(path, "rb") as f:
         f.seek(offset)
         for start in range(0, shape[0], rows_per_block):
             rows = min(rows_per_block, shape[0] - start)
@@ -285,22 +317,26 @@ class _SortedRuns:
         self.runs: list[_Run] = []  # oldest first
 
     def add(self, keys: np.ndarray, segment: int) -> None:
-        table = np.empty((len(keys), 6), np.uint64)
-        table[:, HASH] = key_hash(keys)
-        table[:, WORDS] = _words(keys)
-        table[:, WHERE] = (np.uint64(segment) << np.uint64(32)) | np.arange(len(keys),
-                                                                          dtype=np.uint64)
+        self.add_many([(keys, segment)])
+
+    def add_many(self, parts: Sequence[tuple[np.ndarray, int]]) -> None:
+        """Add the digests of several segments, (keys, segment) oldest first, as one run: a
+        process opening a cache sorts what it read once, not once per merge level."""
+        if not parts:
+            return
+        table = np.empty((sum(len(keys) for keys, _ in parts), 6), np.uint64)
+        start = 0
+        for keys, segment in parts:
+            rows = table[start: start + len(keys)]
+            rows[:, HASH] = key_hash(keys)
+            rows[:, WORDS] = _words(keys)
+            rows[:, WHERE] = (np.uint64(segment) << np.uint64(32)) | np.arange(len(keys),
+                                                                             dtype=np.uint64)
+            start += len(keys)
         tables = [table]
         while self.runs and len(self.runs[-1].table) < 2 * sum(map(len, tables)):
             tables.insert(0, self.runs.pop().table)
         self.runs.append(_run(_sorted_table(tables)))
-
-    def collapse(self) -> None:
-        """Merge every run into one (oldest entries first): one search per lookup instead of one
-        per run. For an index built in one go (a process opening a cache), where it costs one
-        more sort of what was just read; incremental adds keep merging geometrically."""
-        if len(self.runs) > 1:
-            self.runs = [_run(_sorted_table([run.table for run in self.runs]))]
 
     def locate(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(segment, row) of each digest; segment -1 where absent."""
@@ -368,7 +404,7 @@ def _same_digest(table: np.ndarray, pos: np.ndarray, words: np.ndarray) -> np.nd
 class _Segment:
     name: str
     manifest: dict
-    verified_as: tuple | None = None  # (path, inode, size, mtime) of the checked feature file
+    verified_as: tuple | None = None  # `_file_identity` of the checked feature file
     seen_unchanged: float = -np.inf  # when a stat last found the checked file in place
 
 
@@ -390,6 +426,7 @@ class FeatureStore:
         self._index = _SortedRuns()
         self._bad: set[str] = set()  # failed here: never opened again by this object
         self._mtime: int | None = None  # of the folder at the last refresh
+        self.trust_marks = True  # False: check every segment's data (`verify_all`)
         self.quarantined: list[Quarantined] = []  # by this store object, this process
 
     # ------------------------------------------------------------------ finding segments
@@ -430,20 +467,21 @@ class FeatureStore:
             segment.seen_unchanged = -np.inf
         if not checked.keys() <= set(listed):  # a segment was quarantined: index anew
             self._segments, self._seen, self._index = [], set(), _SortedRuns()
-        from_scratch = not self._segments
+        opened: list[tuple[np.ndarray, int]] = []
         for name in listed:
             if name not in self._seen:
                 self._seen.add(name)
-                self._open(name, checked.get(name))
-        if from_scratch:
-            self._index.collapse()
+                self._open(name, checked.get(name), opened)
+        self._index.add_many(opened)
         return self
 
     def _path(self, name: str, suffix: str) -> str:
         return os.path.join(self.folder, name + suffix)
 
-    def _open(self, name: str, verified_as: tuple | None = None) -> None:
-        """Check manifest, digests and feature-file size; index the segment or quarantine it."""
+    def _open(self, name: str, verified_as: tuple | None,
+              opened: list[tuple[np.ndarray, int]]) -> None:
+        """Check manifest, digests and feature-file size; list the segment (its digests and
+        number, appended to `opened`, for the index) or quarantine it."""
         try:
             manifest, keys = self._read_head(name)
         except BadSegment as exc:
@@ -452,7 +490,7 @@ class FeatureStore:
         except FileNotFoundError:  # quarantined by another process meanwhile
             return
         self._segments.append(_Segment(name, manifest, verified_as))
-        self._index.add(keys, len(self._segments) - 1)
+        opened.append((keys, len(self._segments) - 1))
 
     def _read_head(self, name: str) -> tuple[dict, np.ndarray]:
         try:  # OSErrors other than a missing file (EMFILE, EIO …) are no proof of corruption:
@@ -481,38 +519,111 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ verifying data
 
-    def _features(self, seg: int) -> np.ndarray:
-        """The segment's rows (memory-mapped), checked against its manifest once per process.
+    def _features(self, seg: int, rehash_marked: bool = False) -> np.ndarray:
+        """The segment's rows, memory-mapped from the very file whose identity (`fstat` of the
+        mapped descriptor) was checked against its manifest: once per process, or not at all
+        where a valid mark vouches for that file (`rehash_marked`: hash it anyway).
 
-        Checked again if the file was replaced since. Raises BadSegment.
+        Checked again if the file changed since. Raises BadSegment (SegmentGone if removed).
         """
         segment = self._segments[seg]
         path = self._path(segment.name, FEATURES)
+        manifest = segment.manifest
+        expected = (int(manifest["rows"]), int(manifest["width"]))
+        with self._open_data(segment) as f:
+            try:
+                identity = _file_identity(path, os.fstat(f.fileno()))
+                shape, dtype, offset = _open_rows(f)
+            except CORRUPT as exc:
+                raise BadSegment(f"unreadable feature file ({str(exc)[:60]})") from None
+            if dtype != np.float32 or shape != expected:
+                raise BadSegment(f"feature file holds {shape} {dtype}, "
+                                 f"manifest {expected} float32")
+            known = _VERIFIED.get(identity)
+            if known is None or (rehash_marked and not known):
+                if not rehash_marked and self.trust_marks and self._marked(segment, identity):
+                    _VERIFIED[identity] = False
+                else:
+                    started = self._mark_started()
+                    try:
+                        _check_data(path, offset, expected, manifest["feat_sha256"], f)
+                        self._mark(segment, identity, started, f)
+                    finally:
+                        if started is not None:
+                            with contextlib.suppress(OSError):
+                                os.remove(started[0])  # unused (not renamed into a mark)
+                    _VERIFIED[identity] = True
+            try:
+                feat = np.memmap(f, dtype=np.float32, mode="r", offset=offset, shape=expected)
+            except CORRUPT as exc:
+                raise BadSegment(f"unreadable feature file ({str(exc)[:60]})") from None
+        segment.verified_as, segment.seen_unchanged = identity, time.monotonic()
+        return feat
+
+    def _open_data(self, segment: _Segment) -> BinaryIO:
+        """The segment's feature file, open for reading; SegmentGone where the whole segment
+        was removed (merged), BadSegment where only the file is missing."""
         try:
-            st = os.stat(path)
-            feat = np.load(path, mmap_mode="r", allow_pickle=False)
+            return open(self._path(segment.name, FEATURES), "rb")  # noqa: SIM115 - returned
         except FileNotFoundError:
             if not os.path.exists(self._path(segment.name, MANIFEST)):
                 raise SegmentGone(segment.name) from None
             raise BadSegment("feature file missing") from None
-        except CORRUPT as exc:
-            raise BadSegment(f"unreadable feature file ({str(exc)[:60]})") from None
-        identity = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-        if segment.verified_as != identity and identity not in _VERIFIED:
-            manifest = segment.manifest
-            expected = (int(manifest["rows"]), int(manifest["width"]))
-            if feat.dtype != np.float32 or feat.shape != expected:
-                raise BadSegment(f"feature file holds {feat.shape} {feat.dtype}, "
-                                 f"manifest {expected} float32")
-            try:
-                _check_data(path, int(feat.offset), expected, manifest["feat_sha256"])
-            except FileNotFoundError:  # removed since it was opened: merged, or damaged
-                if not os.path.exists(self._path(segment.name, MANIFEST)):
-                    raise SegmentGone(segment.name) from None
-                raise BadSegment("feature file missing") from None
-            _VERIFIED.add(identity)
-        segment.verified_as, segment.seen_unchanged = identity, time.monotonic()
-        return feat
+
+    def _mark_path(self, name: str) -> str:
+        return os.path.join(self.folder, VERIFIED, name + ".json")
+
+    def _marked(self, segment: _Segment, identity: tuple) -> bool:
+        """Whether an earlier process checked this very feature file (same inode, size, mtime
+        and ctime: changes through the file system change its ctime) against this manifest,
+        less than MARK_LIFETIME_SECONDS ago: its data is then not hashed again. What a mark
+        cannot see — writes through a shared writable memory map into an already dirty page,
+        damage below the file system, file systems that fake ctime — the next hash finds, a
+        lifetime later at most, or `verify_all` (which ignores marks) at once."""
+        try:
+            with open(self._mark_path(segment.name)) as f:
+                mark = json.load(f)
+            checked = float(mark["checked"])
+            return (mark["file"] == list(identity[1:])
+                    and mark["feat_sha256"] == segment.manifest["feat_sha256"]
+                    and 0 <= time.time() - checked < MARK_LIFETIME_SECONDS)
+        except (OSError, *CORRUPT):
+            return False
+
+    def _mark_started(self) -> tuple[str, int] | None:
+        """Before a hash: a new (empty) temporary mark file and its ctime, the file system's
+        own clock at this moment (a client's clock may differ from a file server's); None
+        where marks cannot be written."""
+        path = os.path.join(self.folder, VERIFIED, f".tmp-{uuid.uuid4().hex}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "x") as f:
+                return path, os.fstat(f.fileno()).st_ctime_ns
+        except OSError:
+            return None
+
+    def _mark(self, segment: _Segment, identity: tuple, started: tuple[str, int] | None,
+              f: BinaryIO) -> None:
+        """Record that the file passed its checks (best effort, atomic), unless it changed
+        during the hash or within MARK_AFTER_SECONDS before it (a change in the same tick of a
+        coarse file-system clock would leave its ctime as it was)."""
+        if started is None:
+            return
+        tmp, fs_now = started
+        try:
+            if _file_identity(identity[0], os.fstat(f.fileno())) == identity \
+                    and fs_now - identity[4] >= MARK_AFTER_SECONDS * 1e9:
+                with open(tmp, "w") as out:
+                    json.dump({"file": list(identity[1:]),
+                               "feat_sha256": segment.manifest["feat_sha256"],
+                               "checked": time.time()}, out)
+                os.replace(tmp, self._mark_path(segment.name))
+        except OSError:
+            pass
+
+    def _unmark(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self._mark_path(name))
 
     def _unchanged(self, seg: int, now: float) -> bool:
         """Whether the segment's feature file is the one checked before: one stat, at most
@@ -527,22 +638,23 @@ class FeatureStore:
             st = os.stat(segment.verified_as[0])
         except OSError:
             return False
-        if segment.verified_as != (segment.verified_as[0], st.st_ino, st.st_size,
-                                   st.st_mtime_ns):
+        if segment.verified_as != _file_identity(segment.verified_as[0], st):
             return False
         segment.seen_unchanged = now
         return True
 
-    def _usable(self, segments: np.ndarray) -> bool:
-        """Verify these segments; quarantine failures. False if any failed (index rebuilt)."""
+    def _usable(self, segments: np.ndarray, rehash_marked: bool = False) -> bool:
+        """Verify these segments (`rehash_marked`: hash those only a mark vouched for);
+        quarantine failures. False if any failed (index rebuilt)."""
         ok, now = True, time.monotonic()
         touched = np.zeros(len(self._segments), bool)  # O(lookups + segments), no sort
         touched[segments[segments >= 0]] = True
         for seg in np.flatnonzero(touched):
-            if self._unchanged(int(seg), now):
+            if self._unchanged(int(seg), now) and (
+                    not rehash_marked or _VERIFIED.get(self._segments[seg].verified_as)):
                 continue
             try:
-                self._features(int(seg))
+                self._features(int(seg), rehash_marked)
             except BadSegment as exc:
                 self._quarantine(self._segments[seg].name, str(exc))
                 ok = False
@@ -564,6 +676,7 @@ class FeatureStore:
     def _quarantine(self, name: str, reason: str) -> None:
         """Move a bad segment aside (manifest first: it stops being served at once); log it."""
         self._bad.add(name)
+        self._unmark(name)
         target = os.path.join(self.folder, QUARANTINE)
         try:
             os.makedirs(target, exist_ok=True)
@@ -661,11 +774,13 @@ class FeatureStore:
         self._segments.append(_Segment(name, manifest, None))
         self._index.add(keys, len(self._segments) - 1)
 
-    def read(self, digests: Sequence[str]) -> np.ndarray:
+    def read(self, digests: Sequence[str], into: np.ndarray | None = None) -> np.ndarray:
         """Verified features for the digests; CacheMiss if any is absent (or was quarantined).
 
         A miss re-reads the segment list first, so segments committed since this store was
-        opened (by another process or another `EmbeddingCache`) are found.
+        opened (by another process or another `EmbeddingCache`) are found. `into`: a C-contiguous
+        float32 array to fill and return the first rows of, where it has rows enough and the
+        features' width (reading block after block into one array allocates no new memory).
         """
         for _ in range(3):  # a segment found bad while reading: look the digests up again
             segment, row = self._locate_verified(digests)
@@ -675,14 +790,16 @@ class FeatureStore:
                 missing = [d for d, s in zip(digests, segment, strict=True) if s < 0]
                 raise CacheMiss(f"{len(missing)} features are not in the cache {self.folder} "
                                 f"(e.g. {missing[0]}): run the embedding again to compute them")
-            out = self._gather(segment, row)
+            out = self._gather(segment, row, into)
             if out is not None:
                 return out
         raise CacheMiss(f"cache segments in {self.folder} keep changing while being read: "
                         "is another program writing into the cache?")
 
-    def _gather(self, segment: np.ndarray, row: np.ndarray) -> np.ndarray | None:
-        """The located rows; None if a segment turned out bad (it is quarantined).
+    def _gather(self, segment: np.ndarray, row: np.ndarray,
+                into: np.ndarray | None = None) -> np.ndarray | None:
+        """The located rows (in `into` where it fits); None if a segment turned out bad (it is
+        quarantined).
 
         O(n log n) in the rows asked for, whatever the number of segments."""
         out = np.empty((len(segment), 0), np.float32)
@@ -690,8 +807,15 @@ class FeatureStore:
         bounds = np.flatnonzero(np.diff(segment[order])) + 1
         for rows in np.split(order, bounds) if len(order) else []:
             seg = int(segment[rows[0]])
+            if out.shape[1] == 0:
+                width = int(self._segments[seg].manifest["width"])
+                fits = (into is not None and into.dtype == np.float32 and into.ndim == 2
+                        and into.shape[0] >= len(segment) and into.shape[1] == width
+                        and into.flags.c_contiguous and into.flags.writeable)
+                out = into[: len(segment)] if fits else np.empty((len(segment), width),
+                                                                 np.float32)
             try:
-                feat = self._features(seg)
+                self._rows_into(seg, row[rows], out, rows)
             except BadSegment as exc:  # changed since it was checked: never serve it
                 self._quarantine(self._segments[seg].name, str(exc))
                 self.refresh()
@@ -700,15 +824,59 @@ class FeatureStore:
                 self._segments, self._seen, self._index = [], set(), _SortedRuns()
                 self.refresh()
                 return None
-            if out.shape[1] == 0:
-                out = np.empty((len(segment), feat.shape[1]), np.float32)
-            wanted = row[rows]
-            if len(wanted) > 1 and (np.diff(wanted) == 1).all():  # a run: one slice, no gather
-                out[rows] = feat[wanted[0]: wanted[-1] + 1]
-            else:
-                out[rows] = feat[wanted]
-            del feat  # unmap now: resident pages stay bounded by what one call reads
         return out
+
+    def _rows_into(self, seg: int, wanted: np.ndarray, out: np.ndarray,
+                   at: np.ndarray) -> None:
+        """out[at] = rows `wanted` of a segment (checked first). Rows that lie close together
+        are read with plain reads — straight into `out` where both are runs, else through a
+        window of at most SPAN_BYTES — so no page of them is mapped (which costs more than the
+        copy); scattered rows are gathered from a memory map."""
+        feat = self._features(seg)
+        header, width = int(feat.offset), out.shape[1]
+        if feat.shape[1] != width:
+            raise MmiaError(f"the cache store {self.folder} holds features of widths {width} and "
+                            f"{feat.shape[1]}: it mixes models; move it aside and embed again")
+        lo, hi = int(wanted.min()), int(wanted.max()) + 1
+        if hi - lo > 2 * len(wanted):
+            out[at] = feat[wanted]
+            return
+        del feat  # unmap now: resident pages stay bounded by what one call reads
+        if hi - lo == len(wanted) and (np.diff(wanted) == 1).all() \
+                and at[-1] - at[0] + 1 == len(at) and (np.diff(at) == 1).all():
+            self._read_span(seg, header + lo * 4 * width, out[at[0]: at[-1] + 1])
+            return
+        order = np.argsort(wanted, kind="stable")
+        wanted, at = wanted[order], at[order]
+        step = max(1, SPAN_BYTES // (4 * width))
+        window = np.empty((min(step, hi - lo), width), np.float32)
+        for first in range(lo, hi, step):
+            i, j = np.searchsorted(wanted, [first, first + step])
+            if i == j:
+                continue
+            rows = window[: min(step, hi - first)]
+            self._read_span(seg, header + first * 4 * width, rows)
+            out[at[i:j]] = rows[wanted[i:j] - first]
+
+    def _read_span(self, seg: int, offset: int, into: np.ndarray) -> None:
+        """Fill `into` from the segment's feature file at byte `offset`, from a file that passed
+        its checks: where the file found is not the one checked before (touched, replaced),
+        it is checked now, else BadSegment / SegmentGone."""
+        segment = self._segments[seg]
+        path = self._path(segment.name, FEATURES)
+        with self._open_data(segment) as f:
+            if _file_identity(path, os.fstat(f.fileno())) != segment.verified_as:
+                self._features(seg)  # checks the file at the path now, or raises
+                if _file_identity(path, os.fstat(f.fileno())) != segment.verified_as:
+                    raise BadSegment("feature file changed while being read")
+            buffer = memoryview(into).cast("B")  # a view: `into` must be C-contiguous
+            f.seek(offset)
+            done = 0
+            while done < len(buffer):
+                got = f.readinto(buffer[done:])
+                if not got:
+                    raise BadSegment("feature file shorter than its header says")
+                done += got
 
     def small_segments(self, target_bytes: int = SEGMENT_BYTES) -> list[int]:
         """Segments below half `target_bytes` of feature data (what compaction merges)."""
@@ -725,7 +893,9 @@ class FeatureStore:
         removes the copy. A reader that indexed a removed segment looks the digests up again.
         """
         self.refresh()
-        if not self._usable(np.array(self.small_segments(target_bytes), np.int64)):
+        # hashed here, whatever marks say: a merged segment gets a new checksum of what it read
+        if not self._usable(np.array(self.small_segments(target_bytes), np.int64),
+                            rehash_marked=True):
             self.refresh()  # bad ones were quarantined: never merged into a good segment
         small = self.small_segments(target_bytes)
         if len(small) < 2:
@@ -745,7 +915,8 @@ class FeatureStore:
                 continue
             names = [self._segments[s].name for s in batch]
             keys = np.concatenate([self._read_head(n)[1] for n in names])
-            feats = np.concatenate([np.asarray(self._features(s)) for s in batch])
+            feats = np.concatenate([np.asarray(self._features(s, rehash_marked=True))
+                                    for s in batch])
             _, first = np.unique(keys, return_index=True)
             first.sort()
             self._commit(f"{len(self._segments):08d}-{uuid.uuid4().hex[:8]}", keys[first],
@@ -756,13 +927,28 @@ class FeatureStore:
             written += 1
         self._segments, self._seen, self._index = [], set(), _SortedRuns()
         self.refresh()
+        self._prune_marks()
         return merged, written
+
+    def _prune_marks(self) -> None:
+        """Remove the marks of segments no longer in the store and temporary mark files left
+        by killed runs (an hour old)."""
+        folder = os.path.join(self.folder, VERIFIED)
+        names = {s.name for s in self._segments}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                stale = entry.name.endswith(".json") and entry.name[:-5] not in names
+                if stale or (entry.name.startswith(".tmp-")
+                             and time.time() - entry.stat().st_mtime > 3600):
+                    with contextlib.suppress(OSError):
+                        os.remove(entry.path)
 
     def _remove(self, name: str) -> None:
         """Delete a segment that a merged one replaces (manifest first: it stops being served)."""
         for suffix in (MANIFEST, KEYS, FEATURES):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._path(name, suffix))
+        self._unmark(name)
 
     def verify_all(self) -> tuple[int, int]:
         """Check every segment's data now, whatever was checked before; (segments, rows) that
@@ -770,8 +956,13 @@ class FeatureStore:
         self.refresh()
         for segment in self._segments:
             segment.verified_as = None
-        _VERIFIED.difference_update({v for v in _VERIFIED if v[0].startswith(self.folder)})
-        self._usable(np.arange(len(self._segments)))
+        for identity in [v for v in _VERIFIED if v[0].startswith(self.folder)]:
+            del _VERIFIED[identity]
+        self.trust_marks = False
+        try:
+            self._usable(np.arange(len(self._segments)))
+        finally:
+            self.trust_marks = True
         return len(self._segments), sum(int(s.manifest["rows"]) for s in self._segments)
 
 
@@ -919,7 +1110,7 @@ class CacheReport:
 def _store_folders(root: str) -> Iterator[str]:
     for folder, dirs, files in os.walk(root):
         quarantine = QUARANTINE in dirs
-        dirs[:] = sorted(d for d in dirs if d not in (QUARANTINE, "samples", "models"))
+        dirs[:] = sorted(d for d in dirs if d not in (QUARANTINE, VERIFIED, "samples", "models"))
         if quarantine or any(f.endswith((MANIFEST, KEYS, FEATURES)) or ".tmp-" in f for f in files):
             yield folder
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from mmia.cache import EmbeddingCache
 from mmia.checks import check_embed_settings
@@ -105,14 +107,15 @@ def features_cached(cache: EmbeddingCache, table: SampleTable, views: int,
 
 
 def answered_shards(cache: EmbeddingCache, tables: dict[str, object], views: int,
-                    keep_view_features: bool) -> set[str]:
-    """The indexed shards whose samples all have their features cached."""
-    if not tables:
-        return set()
+                    keep_view_features: bool) -> tuple[set[str], SampleTable]:
+    """The indexed shards whose samples all have their features cached, and the samples of
+    every indexed shard (in the order of `tables`)."""
     samples = SampleTable.from_shards(list(tables.items()))
+    if not tables:
+        return set(), samples
     ok = features_cached(cache, samples, views, keep_view_features)
     missing = {samples.urls[s] for s in np.unique(samples.shard[~ok])}
-    return set(tables) - missing
+    return set(tables) - missing, samples
 
 
 def embed_shards(
@@ -156,7 +159,7 @@ def embed_shards(
     identities = dict(zip(urls, shard_identities(urls), strict=True))
     tables = {u: index.load(u, identities[u], labels[u]) for u in urls}
     indexed = {u: t for u, t in tables.items() if t is not None}
-    answered = answered_shards(cache, indexed, views, keep_view_features)
+    answered, indexed_samples = answered_shards(cache, indexed, views, keep_view_features)
     cold = [u for u in urls if u not in answered]
     report = progress if callable(progress) else TqdmProgress(progress)
     result = EmbedResult(SampleTable.empty(), shards=len(urls), shards_read=len(cold))
@@ -175,7 +178,9 @@ def embed_shards(
               for url in urls if url in answered or url in cold_rows]
     for skip in skip_rows(tables):
         result.count(skip)
-    result.records = drop_duplicate_keys(SampleTable.from_shards(tables), result)
+    everything_answered = len(answered) == len(urls) == len(indexed)  # the warm case
+    samples = indexed_samples if everything_answered else SampleTable.from_shards(tables)
+    result.records = drop_duplicate_keys(samples, result)
     report(0, {"new": result.embedded, "cached": result.cached,
                "skipped": sum(result.skips.values())})
     getattr(report, "close", lambda: None)()
@@ -225,7 +230,8 @@ def drop_duplicate_keys(table: SampleTable, result: EmbedResult) -> SampleTable:
     """Keep the first sample of each key; count the others as `duplicate_key` skips."""
     if not len(table):
         return table
-    _, first = np.unique(table.key.astype(str), return_index=True)
+    codes = pc.dictionary_encode(pa.array(table.key, type=pa.large_string()))
+    _, first = np.unique(codes.indices.to_numpy(), return_index=True)
     if len(first) == len(table):
         return table
     keep = np.zeros(len(table), bool)

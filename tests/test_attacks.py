@@ -380,6 +380,33 @@ def test_caption_counts_are_countvectorizer_counts():
         assert sorted(got[i].data) == sorted(want[i].data)
 
 
+def test_ascii_captions_take_the_byte_map_and_give_the_same_counts(monkeypatch):
+    """ASCII chunks are split after a byte map, others by the regex: both give CountVectorizer's
+    words, whatever the chunking (a chunk of ASCII captions next to one with Unicode)."""
+    import pyarrow as pa
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    import mmia.attacks.blind as blind
+
+    caps = ["Hello, World_x 12", "", "  ...  ", "A-b\tC\nd", "it's 3.14 x_Y!", "UPPER lower",
+            'q"uote; semi:colon', "tab\there", "café Ünï", "straße ½ a_b", "cat", "x"]
+    vectorizer = CountVectorizer(ngram_range=(1, 2), token_pattern=blind.TOKEN_PATTERN)
+    want = vectorizer.fit_transform(caps)
+    ascii_chunks = []
+    real = blind._ascii_words
+    monkeypatch.setattr(blind, "_ascii_words",
+                        lambda c: ascii_chunks.append(real(c) is not None) or real(c))
+    for chunk in (3, 4, len(caps)):
+        monkeypatch.setattr(blind, "CAPTION_CHUNK", chunk)
+        ascii_chunks.clear()
+        got = blind.caption_counts(pa.array(caps, pa.large_string()))
+        assert got.nnz == want.nnz
+        np.testing.assert_array_equal((got @ got.T).toarray(), (want @ want.T).toarray())
+        assert ascii_chunks == [False] if chunk == len(caps) else \
+            (True in ascii_chunks and False in ascii_chunks)
+    assert blind.caption_counts([None, "a"]).shape[0] == 2  # a null caption: the regex path
+
+
 def test_grouped_folds_keep_groups_together_and_stratify():
     from mmia.attacks.blind import grouped_folds
 

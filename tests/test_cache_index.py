@@ -39,16 +39,18 @@ def _check_against(index: _SortedRuns, first: dict, query: np.ndarray) -> None:
 
 
 def _fill(index: _SortedRuns, rng: np.random.Generator, pool: np.ndarray, segments: int,
-          check_every: int = 1) -> dict:
+          check_every: int = 1, parts: list | None = None) -> dict:
     """Adds of random subsets of `pool` (digests repeat across segments), each followed by a
     lookup of the whole pool plus absent digests; the reference is a dictionary of the first
-    (segment, row) of each digest."""
+    (segment, row) of each digest. `parts` collects each add's (keys, segment)."""
     first: dict = {}
     absent = _random_digests(rng, 50)
     for segment in range(segments):
         keys = np.unique(pool[rng.integers(0, len(pool), rng.integers(1, 120))])
         keys = keys[rng.permutation(len(keys))]
         index.add(keys, segment)
+        if parts is not None:
+            parts.append((keys, segment))
         for row, k in enumerate(keys):
             first.setdefault(k, (segment, row))
         if segment % check_every == 0:
@@ -61,13 +63,15 @@ def test_directory_index_agrees_with_a_dictionary_on_random_digests():
     rng = np.random.default_rng(3)
     index = _SortedRuns()
     pool = _random_digests(rng, 2000)
-    first = _fill(index, rng, pool, 60)
+    parts: list = []
+    first = _fill(index, rng, pool, 60, parts=parts)
     assert len(index.runs) <= int(np.log2(sum(len(r.table) for r in index.runs))) + 2
-    index.collapse()
-    assert len(index.runs) == 1
-    _assert_directories_consistent(index)
-    _check_against(index, first, np.r_[pool, _random_digests(rng, 100)])
-    assert index.unique_count() == len(first)
+    at_once = _SortedRuns()  # what a process opening the store builds: one sort, one run
+    at_once.add_many(parts)
+    assert len(at_once.runs) == 1
+    _assert_directories_consistent(at_once)
+    _check_against(at_once, first, np.r_[pool, _random_digests(rng, 100)])
+    assert index.unique_count() == at_once.unique_count() == len(first)
 
 
 @pytest.mark.parametrize("forced", ["few_values", "one_top_bucket", "all_maximal"])
@@ -83,9 +87,11 @@ def test_directory_index_is_exact_when_hashes_collide(monkeypatch, forced):
     monkeypatch.setattr(mmia.cache, "key_hash", fakes[forced])
     rng = np.random.default_rng(4)
     index = _SortedRuns()
-    first = _fill(index, rng, _random_digests(rng, 150), 25, check_every=4)
-    index.collapse()
-    _check_against(index, first, np.r_[list(first), _random_digests(rng, 30)])
+    parts: list = []
+    first = _fill(index, rng, _random_digests(rng, 150), 25, check_every=4, parts=parts)
+    at_once = _SortedRuns()
+    at_once.add_many(parts)
+    _check_against(at_once, first, np.r_[list(first), _random_digests(rng, 30)])
 
 
 def test_lookup_of_an_empty_query_and_an_empty_index():
@@ -97,7 +103,7 @@ def test_lookup_of_an_empty_query_and_an_empty_index():
 
 def test_store_lookups_agree_after_reopening_and_with_adds_interleaved(tmp_path):
     """Through the store: digests written over many commits are found by a store that indexed
-    them incrementally and by one that opened the folder afresh (one collapsed run)."""
+    them incrementally and by one that opened the folder afresh (one run, sorted once)."""
     rng = np.random.default_rng(5)
     writer, truth = FeatureStore(str(tmp_path)), {}
     for _ in range(12):

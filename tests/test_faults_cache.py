@@ -176,14 +176,14 @@ def test_an_os_error_is_not_taken_for_corruption(two_segments, monkeypatch):
     """Out of file descriptors (or EIO) says nothing about the segment: it propagates and
     nothing is quarantined."""
     folder, _, truth = two_segments
-    real_load = np.load
+    real_open = open
 
     def emfile(path, *args, **kwargs):
         if str(path).endswith(FEATURES):
             raise OSError(errno.EMFILE, "Too many open files", str(path))
-        return real_load(path, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(np, "load", emfile)
+    monkeypatch.setattr(mmia.cache, "open", emfile, raising=False)  # how the cache opens files
     with pytest.raises(OSError, match="Too many open files"):
         FeatureStore(str(folder)).refresh().contains(list(truth))
     assert not (folder / QUARANTINE).exists()

@@ -280,6 +280,14 @@ def test_scores_csv_is_byte_for_byte_what_csv_writer_wrote(tmp_path):
     assert (tmp_path / "fast.csv").read_bytes() == (tmp_path / "slow.csv").read_bytes()
 
 
+def test_csv_fields_quote_in_arrow_as_csv_field_does():
+    from mmia.report import _csv_field, csv_fields
+
+    for keys in (["plain", 'a"b', "c,d", "e\rf", "g\nh", "", "ünï,"],
+                 ["plain", 7, None, b"by,tes", "x"], [b"ab", b"c"], []):
+        assert csv_fields(keys).to_pylist() == [_csv_field(str(k)) for k in keys]
+
+
 def _step(fpr, tpr, grid):
     """TPR of the post-step ROC curve through (fpr, tpr) at each FPR of grid."""
     return tpr[np.searchsorted(fpr, grid, side="right") - 1]
