@@ -192,24 +192,21 @@ def _open_rows(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, f.tell()
 
 
-def _check_data(path: str, offset: int, shape: tuple[int, int], sha256: str,
-                file: BinaryIO | None = None) -> None:
-    """The data of a feature file (`file`, open, else `path`) hashes to `sha256` and holds only
-    finite numbers; read in blocks, so checking a segment of any size holds 16 MB, not the
-    segment, in memory."""
+def _check_data(f: BinaryIO, offset: int, shape: tuple[int, int], sha256: str) -> None:
+    """The data of an open feature file hashes to `sha256` and holds only finite numbers; read
+    in blocks, so checking a segment of any size holds 16 MB, not the segment, in memory."""
     h = hashlib.sha256()
     rows_per_block = max(1, VERIFY_BLOCK_BYTES // (4 * shape[1]))
     bad_rows = 0
-    with contextlib.nullcontext(file) if file is not None else open(path, "rb") as f:
-        f.seek(offset)
-        for start in range(0, shape[0], rows_per_block):
-            rows = min(rows_per_block, shape[0] - start)
-            data = f.read(rows * shape[1] * 4)
-            if len(data) != rows * shape[1] * 4:
-                raise BadSegment("feature file shorter than its header says")
-            h.update(data)
-            block = np.frombuffer(data, np.float32).reshape(rows, shape[1])
-            bad_rows += int((~np.isfinite(block).all(axis=1)).sum())
+    f.seek(offset)
+    for start in range(0, shape[0], rows_per_block):
+        rows = min(rows_per_block, shape[0] - start)
+        data = f.read(rows * shape[1] * 4)
+        if len(data) != rows * shape[1] * 4:
+            raise BadSegment("feature file shorter than its header says")
+        h.update(data)
+        block = np.frombuffer(data, np.float32).reshape(rows, shape[1])
+        bad_rows += int((~np.isfinite(block).all(axis=1)).sum())
     if h.hexdigest() != sha256:
         raise BadSegment("feature data checksum mismatch")
     if bad_rows:
@@ -546,7 +543,7 @@ class FeatureStore:
                 else:
                     started = self._mark_started()
                     try:
-                        _check_data(path, offset, expected, manifest["feat_sha256"], f)
+                        _check_data(f, offset, expected, manifest["feat_sha256"])
                         self._mark(segment, identity, started, f)
                     finally:
                         if started is not None:

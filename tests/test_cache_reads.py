@@ -46,7 +46,7 @@ def hashes(monkeypatch):
     calls: list[str] = []
     real = mmia.cache._check_data
     monkeypatch.setattr(mmia.cache, "_check_data",
-                        lambda path, *a: calls.append(os.path.basename(path)) or real(path, *a))
+                        lambda f, *a: calls.append(os.path.basename(f.name)) or real(f, *a))
     return calls
 
 
@@ -107,9 +107,9 @@ def test_a_file_changed_while_it_is_hashed_is_not_marked(store_with_two_segments
     monkeypatch.setattr(mmia.cache, "MARK_AFTER_SECONDS", 0.0)
     real = mmia.cache._check_data
 
-    def touch_during_the_hash(path, *args):
-        real(path, *args)
-        os.chmod(path, 0o644)  # any change of the file's metadata moves its ctime
+    def touch_during_the_hash(f, *args):
+        real(f, *args)
+        os.chmod(f.name, 0o644)  # any change of the file's metadata moves its ctime
         monkeypatch.setattr(mmia.cache, "_check_data", real)
 
     monkeypatch.setattr(mmia.cache, "_check_data", touch_during_the_hash)
