@@ -270,7 +270,8 @@ def first_of_each_content(table: SampleTable) -> np.ndarray:
     """Sorted rows of the first sample of each distinct (image, caption) content."""
     hashes = content_hashes(table)
     order = np.argsort(hashes, kind="stable")
-    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])  # order[i], order[i + 1]
+    ascending = hashes[order]
+    same = np.flatnonzero(ascending[1:] == ascending[:-1])  # rows order[i], order[i + 1]
     if (_content(table, order[same]) != _content(table, order[same + 1])).any():
         _, first = np.unique(_content(table), return_index=True)  # a hash collision: exact
         return np.sort(first)
